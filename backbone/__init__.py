@@ -1,0 +1,42 @@
+"""ResNet / ResNeXt / wide ResNet bodies with an FPN, declaring every output's name, channels and stride.
+
+This package depends only on torch and torchvision and can be imported into any detector::
+
+    from backbone import build_backbone
+    bb = build_backbone("resnet50", weights="/path/to/resnet50-11ad3fa6.pth", trainable_stages=3)
+    bb.out_channels                 # 256, torchvision's convention
+    bb.feature_info.names()         # ('p2', 'p3', 'p4', 'p5', 'p6')
+    bb.feature_info.reduction()     # (4, 8, 16, 32, 64), timm's convention
+    bb.output_shape()["p3"]         # ShapeSpec(channels=256, ..., stride=8), detectron2's convention
+    features = bb(images)           # OrderedDict p2..p6
+"""
+
+from .build import BackboneWithFPN, build_backbone, load_backbone_weights
+from .config import ARCHITECTURES, BackboneConfig, FPNConfig
+from .features import FeatureInfo, FeatureSpec, ShapeSpec
+from .fpn import FPN
+from .norm import FrozenBatchNorm2d
+from .resnet import BasicBlock, Bottleneck, ResNetBody
+from .summary import summarize
+from .weights import WeightsError, load_state_dict_checked, read_checkpoint
+
+__all__ = [
+    "ARCHITECTURES",
+    "FPN",
+    "BackboneConfig",
+    "BackboneWithFPN",
+    "BasicBlock",
+    "Bottleneck",
+    "FPNConfig",
+    "FeatureInfo",
+    "FeatureSpec",
+    "FrozenBatchNorm2d",
+    "ResNetBody",
+    "ShapeSpec",
+    "WeightsError",
+    "build_backbone",
+    "load_backbone_weights",
+    "load_state_dict_checked",
+    "read_checkpoint",
+    "summarize",
+]
