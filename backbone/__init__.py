@@ -18,7 +18,7 @@ from .fpn import FPN
 from .norm import FrozenBatchNorm2d
 from .resnet import BasicBlock, Bottleneck, ResNetBody
 from .summary import summarize
-from .weights import WeightsError, load_state_dict_checked, read_checkpoint
+from .weights import WeightsError, load_state_dict_checked, read_checkpoint, read_checkpoint_and_extras
 
 __all__ = [
     "ARCHITECTURES",
@@ -38,5 +38,6 @@ __all__ = [
     "load_backbone_weights",
     "load_state_dict_checked",
     "read_checkpoint",
+    "read_checkpoint_and_extras",
     "summarize",
 ]

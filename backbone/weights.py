@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightsError", "load_state_dict_checked", "read_checkpoint", "resolve_torchvision_weights"]
+__all__ = [
+    "WeightsError",
+    "load_state_dict_checked",
+    "read_checkpoint",
+    "read_checkpoint_and_extras",
+    "resolve_torchvision_weights",
+]
 
 _MAX_LISTED = 5
 
@@ -36,6 +42,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         FileNotFoundError: ``path`` does not exist.
         WeightsError: the file is truncated, not a PyTorch file, unsafe to unpickle, or holds no state dict.
     """
+    return read_checkpoint_and_extras(path)[0]
+
+
+def read_checkpoint_and_extras(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """Like :func:`read_checkpoint`, also returning the file's other top-level entries (for a training
+    checkpoint: ``config``, ``categories``, ``iteration``...; empty for a plain state dict)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -64,9 +76,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         for key in ("model", "state_dict", "model_state"):
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                return dict(inner)
+                return dict(inner), {k: v for k, v in obj.items() if k != key}
         if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-            return dict(obj)
+            return dict(obj), {}
         keys = list(obj)[:_MAX_LISTED]
         raise WeightsError(
             f"{path}: expected a state dict (parameter name -> tensor) or a dict holding one under 'model' or "

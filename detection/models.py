@@ -36,6 +36,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from backbone import BackboneConfig, FeatureInfo, FeatureSpec, FPNConfig, build_backbone
 
+from .amp import Float32AnchorGenerator, decode_in_float32
+
 __all__ = ["ARCHS", "build_detector", "derive_anchor_sizes", "feature_info_of"]
 
 
@@ -195,7 +197,8 @@ def build_detector(
 
     Returns:
         The torchvision detector (``FasterRCNN``, ``MaskRCNN``, ``KeypointRCNN``, ``RetinaNet`` or
-        ``FCOS``). In eval mode it returns per image ``boxes`` [N, 4] float32 xyxy in input pixels,
+        ``FCOS``), with anchors generated and boxes decoded in float32 even under autocast (see
+        :mod:`detection.amp`). In eval mode it returns per image ``boxes`` [N, 4] float32 xyxy in input pixels,
         ``scores`` [N], ``labels`` [N] int64 and, where the arch has them, ``masks`` [N, 1, H, W]
         float32 in [0, 1] or ``keypoints`` [N, K, 3].
 
@@ -246,7 +249,7 @@ def build_detector(
                 f"{list(info.names())}; give one tuple of sizes per level"
             )
         ratios = tuple(float(r) for r in (ratios if ratios is not None else default_ratios))
-        options[anchor_key] = AnchorGenerator(sizes, (ratios,) * len(sizes))
+        options[anchor_key] = Float32AnchorGenerator(sizes, (ratios,) * len(sizes))
     elif sizes is not None or ratios is not None:
         raise ValueError(f"pass either {anchor_key} or anchor_sizes/aspect_ratios, not both")
     _check_anchors(anchor_key, options[anchor_key], info)
@@ -274,5 +277,5 @@ def build_detector(
         head.regression_head._loss_type = "giou"
         options["head"] = head
 
-    return spec.cls(module, num_classes=num_classes, **options)
+    return decode_in_float32(spec.cls(module, num_classes=num_classes, **options))
 

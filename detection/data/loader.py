@@ -1,0 +1,104 @@
+"""``build_dataloader``: dataset + aspect-ratio batch sampler + collate + seeded workers in one call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .sampler import AspectRatioBatchSampler, _mix_seed, collate_fn, worker_init_fn
+
+__all__ = ["build_dataloader"]
+
+
+def build_dataloader(
+    dataset: Any,
+    *,
+    batch_size: int,
+    train: bool,
+    num_workers: int = 2,
+    seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    aspect_ratio_grouping: bool = True,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Data loader yielding :class:`~detection.data.sampler.Batch` ``(images, targets, skipped)``.
+
+    Training loaders shuffle per epoch and give every rank the same number of batches (indices are
+    repeated to pad, as ``DistributedSampler`` does). Evaluation loaders keep index order, do not pad
+    (each image goes to exactly one rank; shard lengths may differ by one image) and never shuffle; with
+    ``aspect_ratio_grouping`` they still group landscape and portrait images, which reorders them a little
+    (the evaluator keys results by image id).
+
+    Call ``loader.batch_sampler.set_epoch(epoch)`` before each training epoch.
+
+    Augmentation is reproducible: each sample's augmentation seed is derived from ``(seed, epoch, rank,
+    position in the epoch)`` by the sampler, so it does not depend on ``num_workers``. Worker processes
+    are persistent and also get ``random``/``numpy``/``torch`` seeded from ``(seed, rank)``.
+
+    Args:
+        dataset: a map-style dataset with ``image_sizes() -> list[(h, w)]`` (``CocoDetection``); without it,
+            set ``aspect_ratio_grouping=False``.
+        batch_size: images per batch and per rank.
+        train: training (shuffle, pad shards) or evaluation (sequential, no padding).
+        num_workers: worker processes; 0 loads in the main process.
+        seed: base seed for shuffling and augmentation.
+        num_replicas: distributed world size.
+        rank: this process's rank.
+        aspect_ratio_grouping: batch landscape and portrait images separately.
+        drop_last: drop the last incomplete batch (training only; evaluation keeps every image).
+        pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+
+    Returns:
+        A ``torch.utils.data.DataLoader`` whose ``batch_sampler`` is an ``AspectRatioBatchSampler``.
+
+    Example::
+
+        loader = build_dataloader(train_set, batch_size=4, train=True, num_workers=2, seed=42)
+        for epoch in range(epochs):
+            loader.batch_sampler.set_epoch(epoch)
+            for images, targets, skipped in loader: ...
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if hasattr(dataset, "image_sizes"):
+        sizes = list(dataset.image_sizes())
+    elif aspect_ratio_grouping:
+        raise TypeError(
+            f"{type(dataset).__name__} has no image_sizes() method, which aspect-ratio grouping needs; "
+            "pass aspect_ratio_grouping=False or use CocoDetection"
+        )
+    else:
+        sizes = [(1, 1)] * len(dataset)
+
+    sampler = AspectRatioBatchSampler(
+        sizes,
+        batch_size,
+        shuffle=train,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=drop_last and train,
+        group_by_aspect_ratio=aspect_ratio_grouping,
+        pad_shards=train,
+    )
+    generator = torch.Generator()
+    generator.manual_seed(_mix_seed([seed, rank, 1]))
+    if num_workers == 0:
+        # No worker_init_fn runs in the main process: give the augmentation its (seed, rank) stream here.
+        transforms = getattr(dataset, "transforms", None)
+        if hasattr(transforms, "set_random_seed"):
+            transforms.set_random_seed(_mix_seed([seed, rank, 2]) % 2**32)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )

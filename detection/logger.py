@@ -1,0 +1,141 @@
+"""Training progress: a progress line with ETA, loss terms, lr, img/s and peak memory, plus ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+__all__ = ["JsonlWriter", "ProgressLogger", "format_duration", "peak_memory_mb"]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class JsonlWriter:
+    """Appends one JSON object per line (flushed each time, so nothing is lost on a crash)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean, allow_nan=False, default=float) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` file (an unfinished last line is ignored)."""
+    records = []
+    p = Path(path)
+    if not p.is_file():
+        return records
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class ProgressLogger:
+    """Reports training progress every ``period`` iterations.
+
+    On a terminal the line is redrawn in place; otherwise (logs, CI) one line is printed per report.
+    Throughput and ETA are measured over the iterations since the previous report, ignoring the
+    very first iteration (warm-up).
+    """
+
+    def __init__(
+        self,
+        max_iters: int,
+        start_iter: int,
+        period: int,
+        device: torch.device,
+        images_per_iter: int,
+        stream: IO[str] | None = None,
+    ) -> None:
+        self.max_iters = max_iters
+        self.period = period
+        self.device = device
+        self.images_per_iter = images_per_iter
+        self.stream = stream or sys.stderr
+        self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._mark_iter = start_iter
+        self._mark_time = time.perf_counter()
+        self._start_time = self._mark_time
+        self._rate: float | None = None
+        self.last_line = ""
+
+    def throughput(self) -> float | None:
+        """Iterations per second over the last report window."""
+        return self._rate
+
+    def update(self, iteration: int, losses: Mapping[str, float], lr: float, force: bool = False) -> dict[str, Any] | None:
+        """Called after each iteration (1-based ``iteration``); returns the record when one is reported."""
+        if not force and iteration % self.period and iteration != self.max_iters:
+            return None
+        now = time.perf_counter()
+        done = iteration - self._mark_iter
+        if done > 0:
+            self._rate = done / max(now - self._mark_time, 1e-9)
+        self._mark_iter, self._mark_time = iteration, now
+        rate = self._rate or float("nan")
+        eta = (self.max_iters - iteration) / rate if self._rate else float("nan")
+        total = sum(losses.values())
+        record = {
+            "iteration": iteration,
+            "loss": total,
+            **{k: v for k, v in losses.items()},
+            "lr": lr,
+            "img_per_s": rate * self.images_per_iter,
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "elapsed_s": now - self._start_time,
+        }
+        width = len(str(self.max_iters))
+        terms = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in losses.items())
+        pct = 100.0 * iteration / self.max_iters
+        line = (
+            f"iter {iteration:>{width}}/{self.max_iters} {pct:5.1f}% | eta {format_duration(eta)} | loss {total:.3f} "
+            f"({terms}) | lr {lr:.2e} | {record['img_per_s']:.1f} img/s | mem {record['peak_mem_mb']:.0f} MB"
+        )
+        self.last_line = line
+        if self.interactive:
+            end = "\n" if iteration >= self.max_iters else ""
+            self.stream.write("\r\x1b[2K" + line + end)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        return record
+
+    def newline(self) -> None:
+        """End an in-place line before other output."""
+        if self.interactive:
+            self.stream.write("\n")
+            self.stream.flush()

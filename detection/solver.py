@@ -1,0 +1,69 @@
+"""Optimizer and learning-rate schedule from the ``train.optimizer`` / ``train.schedule`` config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig, ScheduleConfig
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters.
+
+    With ``no_decay_norm_and_bias`` the norm layers' parameters and all biases get no weight decay
+    (two parameter groups); otherwise one group with ``weight_decay``.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if cfg.no_decay_norm_and_bias and (isinstance(module, _NORM_TYPES) or name == "bias"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (every stage frozen?); nothing to optimise")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(iteration: int, cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int) -> float:
+    """Multiplier of the base lr at ``iteration`` (0-based): linear warm-up times the main schedule.
+
+    Milestones are in iterations, or in epochs when ``unit == "epoch"`` (converted with
+    ``iters_per_epoch``). Cosine decays from 1 to ``min_lr_factor`` over ``max_iters``.
+    """
+    scale = iters_per_epoch if cfg.unit == "epoch" else 1
+    if cfg.name == "multistep":
+        main = cfg.gamma ** sum(iteration >= m * scale for m in cfg.milestones)
+    elif cfg.name == "cosine":
+        progress = min(iteration / max(max_iters, 1), 1.0)
+        main = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        main = 1.0
+    if iteration < cfg.warmup_iters:
+        alpha = iteration / cfg.warmup_iters
+        main *= cfg.warmup_factor * (1 - alpha) + alpha
+    return main
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped once per iteration; its state (the iteration count) goes into checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, cfg, max_iters, iters_per_epoch)
+    )
