@@ -53,7 +53,7 @@ def library_versions() -> dict[str, str]:
         ours = version("resnet-fpn-det")
     except Exception:  # not installed as a distribution (e.g. run from a source tree)
         ours = "unknown"
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "resnet-fpn-det": ours}
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "resnet-fpn-det": str(ours)}
 
 
 def capture_rng_state() -> dict[str, Any]:

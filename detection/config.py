@@ -258,6 +258,9 @@ class ShapesConfig:
         image_size: side of the square images, in pixels.
         min_objects: fewest objects per image.
         max_objects: most objects per image.
+        size_range: object size (circle diameter, square / triangle side) as a fraction of the image side,
+            drawn uniformly in ``[low, high]``.
+        distractors: ``[fewest, most]`` irregular unannotated blobs painted into each background.
         seed: generator seed; the same seed gives byte-identical images and annotations.
         cache_dir: folder the generated dataset is written to and reused from (``~`` is expanded at
             use time); one sub-folder per setting of the fields above.
@@ -268,6 +271,8 @@ class ShapesConfig:
     image_size: int = 256
     min_objects: int = 1
     max_objects: int = 6
+    size_range: tuple[float, float] = (0.10, 0.45)
+    distractors: tuple[int, int] = (1, 3)
     seed: int = 0
     cache_dir: str = "~/.cache/resnet_fpn_det/shapes"
 
@@ -283,6 +288,14 @@ class ShapesConfig:
         _require(
             0 <= self.min_objects <= self.max_objects,
             f"min_objects must be in 0..max_objects ({self.max_objects}); got {self.min_objects}",
+        )
+        _require(
+            0 < self.size_range[0] <= self.size_range[1] <= 1,
+            f"size_range must be [low, high] with 0 < low <= high <= 1; got {list(self.size_range)}",
+        )
+        _require(
+            0 <= self.distractors[0] <= self.distractors[1],
+            f"distractors must be [fewest, most] with 0 <= fewest <= most; got {list(self.distractors)}",
         )
         _require(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
         _require(self.cache_dir.strip() != "", "cache_dir must be a non-empty path")
@@ -338,11 +351,13 @@ class AmpConfig:
     """Automatic mixed precision (``torch.amp.autocast``; a GradScaler only for float16).
 
     Attributes:
-        enabled: run the forward pass under autocast.
+        enabled: run the forward pass under autocast: ``true``, ``false``, or ``"auto"``: on CUDA, and on CPUs
+            with native bfloat16 kernels (AVX512-BF16 or AMX); float32 elsewhere, where reduced-precision
+            convolutions fall back to slow reference kernels.
         dtype: autocast dtype, ``"bfloat16"`` (no loss scaling needed) or ``"float16"`` (uses a GradScaler).
     """
 
-    enabled: bool = False
+    enabled: bool | Literal["auto"] = False
     dtype: Literal["float16", "bfloat16"] = "bfloat16"
 
 

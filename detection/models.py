@@ -29,8 +29,13 @@ import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, RPNHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    RPNHead,
+    TwoMLPHead,
+)
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -63,7 +68,7 @@ ARCHS: dict[str, _Arch] = {
 }
 
 #: Keyword options that ``build_detector`` handles itself (the rest go to torchvision's class).
-OWN_OPTIONS = ("anchor_sizes", "aspect_ratios")
+OWN_OPTIONS = ("anchor_sizes", "aspect_ratios", "box_head_dim", "mask_head_channels")
 
 
 def _arch(name: str) -> _Arch:
@@ -193,7 +198,9 @@ def build_detector(
         **head_options: keyword arguments of torchvision's detector class (``min_size``,
             ``box_score_thresh``, ``rpn_anchor_generator``, ...), plus ``anchor_sizes`` (one tuple of
             sizes per level) and ``aspect_ratios`` (one tuple, used at every level), which replace the
-            derived anchors.
+            derived anchors, and for the R-CNNs ``box_head_dim`` (width of the two-layer box head,
+            torchvision: 1024) and ``mask_head_channels`` (channels of each mask-head conv,
+            torchvision: ``(256, 256, 256, 256)``): small heads for small images and CPUs.
 
     Returns:
         The torchvision detector (``FasterRCNN``, ``MaskRCNN``, ``KeypointRCNN``, ``RetinaNet`` or
@@ -235,6 +242,12 @@ def build_detector(
         )
     channels = module.out_channels
 
+    box_head_dim = options.pop("box_head_dim", None)
+    mask_channels = options.pop("mask_head_channels", None)
+    if spec.family != "rcnn" and (box_head_dim is not None or mask_channels is not None):
+        raise ValueError(f"box_head_dim and mask_head_channels apply to the R-CNN detectors, not {arch}")
+    if mask_channels is not None and spec.cls is not MaskRCNN:
+        raise ValueError(f"mask_head_channels needs a Mask R-CNN arch, got {arch}")
     sizes = options.pop("anchor_sizes", None)
     ratios = options.pop("aspect_ratios", None)
     default_ratios = (1.0,) if spec.family == "fcos" else (0.5, 1.0, 2.0)
@@ -265,6 +278,13 @@ def build_detector(
         for key in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
             if options.get(key) is not None:
                 _check_pooler(key, options[key], info)
+        if box_head_dim is not None:
+            options.setdefault("box_head", TwoMLPHead(channels * 7 * 7, int(box_head_dim)))
+            options.setdefault("box_predictor", FastRCNNPredictor(int(box_head_dim), num_classes))
+        if mask_channels is not None:
+            mask_channels = [int(c) for c in mask_channels]
+            options.setdefault("mask_head", MaskRCNNHeads(channels, mask_channels, 1))
+            options.setdefault("mask_predictor", MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_classes))
         if spec.v2:
             options.setdefault("rpn_head", RPNHead(channels, num_anchors, conv_depth=2))
             options.setdefault(
@@ -277,5 +297,7 @@ def build_detector(
         head.regression_head._loss_type = "giou"
         options["head"] = head
 
-    return decode_in_float32(spec.cls(module, num_classes=num_classes, **options))
+    # torchvision refuses num_classes next to a ready-made predictor (the predictor fixes it).
+    has_predictor = options.get("box_predictor") is not None or options.get("mask_predictor") is not None
+    return decode_in_float32(spec.cls(module, num_classes=None if has_predictor else num_classes, **options))
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -30,7 +31,7 @@ from torch import nn
 from backbone import summarize
 
 from . import distributed as dist
-from .amp import make_grad_scaler
+from .amp import make_grad_scaler, resolve_amp
 from .checkpoint import Checkpointer, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs, dump_config
 from .engine import NonFiniteLossError, describe_bad_step, run_inference, to_device, train_step
@@ -89,7 +90,8 @@ def _data_paths(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, 
         s = cfg.data.shapes
         kwargs = dict(
             num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
-            min_objects=s.min_objects, max_objects=s.max_objects,
+            min_objects=s.min_objects, max_objects=s.max_objects, size_range=tuple(s.size_range),
+            distractors=tuple(s.distractors),
         )
         cache = Path(os.path.expanduser(s.cache_dir))
         if dist.is_main_process():
@@ -210,7 +212,9 @@ class _Run:
         self.log(f"evaluating on {total} images ({tag}) ...")
         t0 = time.perf_counter()
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        run_inference(inner, loader, self.device, cfg.eval.amp, on_batch=on_batch,
+        eval_on, eval_dtype, _ = resolve_amp(cfg.eval.amp.enabled, cfg.eval.amp.dtype, self.device)
+        eval_amp = dataclasses.replace(cfg.eval.amp, enabled=eval_on, dtype=eval_dtype)
+        run_inference(inner, loader, self.device, eval_amp, on_batch=on_batch,
                       max_images=None if limit is None else -(-limit // self.world), total_images=total, log=self.log)
         evaluator.synchronize()
         metrics = evaluator.evaluate() if self.main else {}
@@ -346,7 +350,8 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
     lr = cfg.train.optimizer.scaled_lr(cfg.train.batch_size, run.world)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr)
     scheduler = build_scheduler(optimizer, cfg.train.schedule, max_iters, iters_per_epoch)
-    amp = cfg.train.amp
+    amp_on, amp_dtype, amp_reason = resolve_amp(cfg.train.amp.enabled, cfg.train.amp.dtype, device)
+    amp = dataclasses.replace(cfg.train.amp, enabled=amp_on, dtype=amp_dtype)
     scaler = make_grad_scaler(device, amp.enabled, amp.dtype)
     start_iter, best = 0, -math.inf
     if ckpt is not None:
@@ -378,7 +383,7 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
     run.log(
         f"training {cfg.model.arch} on {cfg.model.backbone.name}: {len(train_set)} images, {num_classes - 1} classes, "
         f"{run.world} process(es) x {cfg.train.batch_size} images, {max_iters} iterations "
-        f"({iters_per_epoch} per epoch), device {device}, amp {amp.dtype if amp.enabled else 'off'}"
+        f"({iters_per_epoch} per epoch), device {device}, amp {amp.dtype if amp.enabled else 'off'} ({amp_reason})"
     )
     run.log(summarize(model))
 
@@ -428,7 +433,10 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
                         bad_steps = 0
                         last_losses = result.losses
                 iteration += 1
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule follows iterations, also when a skipped (non-finite) step made no update.
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                    scheduler.step()
                 if iteration % cfg.train.log_period == 0 or iteration == max_iters:
                     losses = dist.reduce_mean({k: torch.tensor(v) for k, v in last_losses.items()})
                     record = progress.update(iteration, losses, optimizer.param_groups[0]["lr"], force=True)
@@ -534,7 +542,7 @@ def _evaluate_only(run: _Run, weights: Path) -> dict[str, float]:
     from backbone import read_checkpoint_and_extras
 
     from .data import CategoryMapping
-    from .weights import load_weights
+    from .weights import load_weights, num_classes_in_state_dict
 
     cfg = run.cfg
     if not weights.is_file():
@@ -547,7 +555,7 @@ def _evaluate_only(run: _Run, weights: Path) -> dict[str, float]:
     _, val_set = _datasets(run, paths, train=False, categories=categories)
     categories = val_set.categories
     cat_ids = [c["id"] for c in val_set.coco.dataset["categories"]]
-    num_classes = cfg.model.num_classes or _num_classes_in(state_dict) or categories.num_classes
+    num_classes = cfg.model.num_classes or num_classes_in_state_dict(state_dict) or categories.num_classes
     label_to_cat: Any = categories.to_cat_id
     if not saved.get("categories") and num_classes == max(cat_ids) + 1 and num_classes != categories.num_classes:
         run.log(f"{weights} stores no category mapping and has {num_classes} classes = max category id + 1: "
@@ -558,16 +566,3 @@ def _evaluate_only(run: _Run, weights: Path) -> dict[str, float]:
     model.to(run.device)
     run.log(f"loaded {weights}")
     return run.evaluate(model, val_set, label_to_cat, tag=str(weights), write_outputs=True)
-
-
-def _num_classes_in(state_dict: Mapping[str, torch.Tensor]) -> int | None:
-    """Classes (background included) of a detector state dict, read from its classifier's shape."""
-    for key, value in state_dict.items():
-        if key.endswith("box_predictor.cls_score.weight"):
-            return int(value.shape[0])
-    cls = next((v for k, v in state_dict.items() if k.endswith("classification_head.cls_logits.weight")), None)
-    reg = next((v for k, v in state_dict.items() if k.endswith("regression_head.bbox_reg.weight")), None)
-    if cls is not None:
-        anchors = 1 if reg is None else max(1, reg.shape[0] // 4)
-        return int(cls.shape[0]) // anchors
-    return None

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from backbone import load_state_dict_checked, read_checkpoint
 
-__all__ = ["load_weights"]
+__all__ = ["load_weights", "num_classes_in_state_dict"]
 
 
 def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike[str] | Mapping[str, Tensor]) -> nn.Module:
@@ -49,3 +49,21 @@ def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike[str] | 
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     load_state_dict_checked(model, state_dict, source=source)
     return model
+
+
+def num_classes_in_state_dict(state_dict: Mapping[str, Tensor]) -> int | None:
+    """Classes (background included) of a detector state dict, read from its classifier's shape.
+
+    R-CNNs: rows of ``box_predictor.cls_score.weight``. RetinaNet / FCOS: rows of the classification
+    head's last conv divided by the anchors per location (from the regression head). ``None`` when the
+    state dict has no known classifier.
+    """
+    for key, value in state_dict.items():
+        if key.endswith("box_predictor.cls_score.weight"):
+            return int(value.shape[0])
+    cls = next((v for k, v in state_dict.items() if k.endswith("classification_head.cls_logits.weight")), None)
+    reg = next((v for k, v in state_dict.items() if k.endswith("regression_head.bbox_reg.weight")), None)
+    if cls is not None:
+        anchors = 1 if reg is None else max(1, reg.shape[0] // 4)
+        return int(cls.shape[0]) // anchors
+    return None

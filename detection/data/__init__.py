@@ -24,6 +24,7 @@ from .coco import (
     SkippedImage,
     check_same_categories,
     decode_segmentation,
+    read_rgb_image,
 )
 from .loader import build_dataloader
 from .sampler import AspectRatioBatchSampler, Batch, SampleIndex, collate_fn, worker_init_fn
@@ -48,6 +49,7 @@ __all__ = [
     "ensure_shapes_dataset",
     "make_shapes_dataset",
     "make_shapes_splits",
+    "read_rgb_image",
     "transform_names",
     "worker_init_fn",
 ]

@@ -394,6 +394,24 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
+def read_rgb_image(path: str | Path) -> np.ndarray:
+    """Read any image file as ``uint8 [H, W, 3]`` RGB with its EXIF orientation applied (for inference).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DatasetError: the file cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb_array(ImageOps.exif_transpose(img))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------------

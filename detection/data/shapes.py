@@ -103,7 +103,7 @@ def _rasterise(polygon: list[float], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], height, width)))
 
 
-def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+def _background(rng: np.random.Generator, height: int, width: int, distractors: Sequence[int] = (1, 3)) -> np.ndarray:
     import cv2
 
     c0, c1 = rng.uniform(0, 255, size=(2, 3))
@@ -115,7 +115,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     image = (c0.astype(np.float32) + (c1 - c0).astype(np.float32) * t).astype(np.uint8)
     short = min(height, width)
     # Irregular blobs: many jittered vertices, so they never look like a circle, square or triangle.
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
         n_vertices = int(rng.integers(7, 13))
         radius = rng.uniform(0.05, 0.2) * short
         angles = np.sort(rng.uniform(0, 2 * math.pi, n_vertices))
@@ -185,12 +185,13 @@ def _draw_image(
     max_objects: int,
     size_range: Sequence[float],
     min_visible: float,
+    distractors: Sequence[int] = (1, 3),
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image and its objects ``{"category_id", "segmentation", "mask", "full_area"}``.
 
     ``mask`` is what a reader decodes from ``segmentation``; ``full_area`` the pixel count before occlusion.
     """
-    image = _background(rng, height, width)
+    image = _background(rng, height, width, distractors)
     short = min(height, width)
     objects: list[dict[str, Any]] = []  # category_id, polygon, full mask, visible mask
     for _ in range(int(rng.integers(min_objects, max_objects + 1))):
@@ -266,6 +267,7 @@ def make_shapes_dataset(
     max_objects: int = 6,
     size_range: tuple[float, float] = (0.10, 0.45),
     min_visible: float = 0.3,
+    distractors: tuple[int, int] = (1, 3),
     image_format: Literal["png", "jpg"] = "png",
 ) -> Path:
     """Write one split: ``out_dir/images/<id>.<ext>`` and ``out_dir/annotations/instances.json``.
@@ -281,6 +283,7 @@ def make_shapes_dataset(
             always fits, so never zero when ``min_objects >= 1``).
         size_range: object size (circle diameter, square / triangle side) as a fraction of the short side.
         min_visible: every annotated object keeps at least this fraction of its pixels visible.
+        distractors: ``(fewest, most)`` irregular unannotated blobs painted into each background.
         image_format: ``"png"`` (lossless, default) or ``"jpg"`` (quality 90).
 
     Returns:
@@ -288,6 +291,8 @@ def make_shapes_dataset(
     """
     height, width = _size_hw(image_size)
     _check_options(num_images, min_objects, max_objects, size_range, min_visible)
+    if len(distractors) != 2 or not 0 <= distractors[0] <= distractors[1]:
+        raise ValueError(f"distractors must be (fewest, most) with 0 <= fewest <= most, got {tuple(distractors)}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     out_dir = Path(out_dir)
@@ -299,7 +304,9 @@ def make_shapes_dataset(
     for index in range(num_images):
         image_id = index + 1
         rng = np.random.default_rng([int(seed), index])
-        pixels, objects = _draw_image(rng, height, width, min_objects, max_objects, size_range, min_visible)
+        pixels, objects = _draw_image(
+            rng, height, width, min_objects, max_objects, size_range, min_visible, tuple(distractors)
+        )
         file_name = f"{image_id:06d}.{image_format}"
         pil = Image.fromarray(pixels)
         if image_format == "png":
@@ -330,6 +337,7 @@ def make_shapes_dataset(
             "objects_per_image": [min_objects, max_objects],
             "size_range": list(size_range),
             "min_visible": min_visible,
+            "distractors": list(distractors),
         },
         "licenses": [],
         "images": images,
@@ -362,7 +370,8 @@ def make_shapes_splits(
         num_val: validation images (0: no ``val`` split).
         image_size: ``S`` or ``(height, width)``.
         seed: base seed; train and val use different seeds derived from it.
-        **options: ``min_objects``, ``max_objects``, ``size_range``, ``min_visible``, ``image_format``.
+        **options: ``min_objects``, ``max_objects``, ``size_range``, ``min_visible``, ``distractors``,
+            ``image_format``.
 
     Returns:
         ``{"train_ann", "train_img_dir", "val_ann", "val_img_dir"}`` (no ``val_*`` keys when ``num_val`` is 0).
@@ -391,6 +400,7 @@ def ensure_shapes_dataset(
     max_objects: int = 6,
     size_range: tuple[float, float] = (0.10, 0.45),
     min_visible: float = 0.3,
+    distractors: tuple[int, int] = (1, 3),
     image_format: Literal["png", "jpg"] = "png",
 ) -> dict[str, Path]:
     """Return the train/val shapes splits for these parameters, generating them on first use.
@@ -410,6 +420,7 @@ def ensure_shapes_dataset(
         max_objects: most objects drawn per image.
         size_range: object size as a fraction of the image's short side.
         min_visible: fraction of its pixels every annotated object keeps visible.
+        distractors: ``(fewest, most)`` irregular unannotated blobs per background.
         image_format: ``"png"`` or ``"jpg"``.
 
     Returns:
@@ -431,6 +442,7 @@ def ensure_shapes_dataset(
         "max_objects": int(max_objects),
         "size_range": [float(v) for v in size_range],
         "min_visible": float(min_visible),
+        "distractors": [int(v) for v in distractors],
         "image_format": image_format,
     }
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:12]
@@ -441,6 +453,7 @@ def ensure_shapes_dataset(
         "max_objects": max_objects,
         "size_range": tuple(size_range),
         "min_visible": min_visible,
+        "distractors": tuple(distractors),
         "image_format": image_format,
     }
 

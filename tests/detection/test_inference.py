@@ -1,0 +1,92 @@
+"""optimize_for_inference: BN folding, channels-last, reduced precision with float32 outputs."""
+
+import pytest
+import torch
+from torch import nn
+
+from backbone import build_backbone
+from detection import build_detector
+from detection.inference import fold_batch_norms, optimize_for_inference
+
+
+def test_folding_keeps_backbone_outputs():
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", norm="bn", fpn={"out_channels": 32, "norm": "bn"})
+    for m in bb.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    bb.eval()
+    x = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        ref = bb(x)
+        folded = fold_batch_norms(bb)
+        out = bb(x)
+    # stem 1 + 8 blocks x 2 + 3 projection shortcuts = 20 in the body, 8 in the FPN
+    assert folded == 28
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
+    for k in ref:
+        assert (out[k] - ref[k]).abs().max().item() <= 1e-4 * max(1.0, ref[k].abs().max().item())
+
+
+def test_training_mode_bn_is_not_folded():
+    bb = build_backbone("resnet18", norm="bn").train()
+    assert fold_batch_norms(bb) == 0
+
+
+def test_fp32_fast_path_matches_retinanet_features_and_head():
+    """RetinaNet's prior-initialised classifier gives every anchor a score of about 0.01, so its final
+    detections are all ties; compare what the fast path changes: features and head outputs."""
+    torch.manual_seed(0)
+    options = {"backbone": {"name": "resnet18", "norm": "frozen_bn", "fpn": {"out_channels": 64}}, "num_classes": 4}
+    plain = build_detector("retinanet", **options).eval()
+    fast = build_detector("retinanet", **options)
+    fast.load_state_dict(plain.state_dict())
+    optimize_for_inference(fast)
+    x = torch.rand(1, 3, 128, 96)
+    with torch.no_grad():
+        fa, fb = plain.backbone(x), fast.backbone(x)
+        ha, hb = plain.head(list(fa.values())), fast.head(list(fb.values()))
+    for k in fa:
+        assert (fa[k] - fb[k]).abs().max().item() <= 1e-4, k
+    for k in ha:
+        assert (ha[k] - hb[k]).abs().max().item() <= 1e-4, k
+
+
+@pytest.mark.parametrize("arch", ["mask_rcnn", "faster_rcnn_v2"])
+def test_fp32_fast_path_matches_the_plain_model(arch):
+    torch.manual_seed(0)
+    kwargs = {"box_score_thresh": 0.0}
+    plain = build_detector(arch, backbone={"name": "resnet18", "norm": "frozen_bn", "fpn": {"out_channels": 64}},
+                           num_classes=4, min_size=128, max_size=128, **kwargs).eval()
+    for m in plain.modules():
+        if hasattr(m, "running_var") and m.running_var is not None:
+            m.running_var.uniform_(0.5, 1.5)
+    fast = build_detector(arch, backbone={"name": "resnet18", "norm": "frozen_bn", "fpn": {"out_channels": 64}},
+                          num_classes=4, min_size=128, max_size=128, **kwargs)
+    fast.load_state_dict(plain.state_dict())
+    optimize_for_inference(fast, precision="fp32")
+    assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    image = [torch.rand(3, 128, 112)]
+    with torch.no_grad():
+        a = plain(image)[0]
+        b = fast(image)[0]
+    assert a["boxes"].shape == b["boxes"].shape and len(a["boxes"]) > 0
+    # Same detections; near-tied scores of an untrained model may swap places, so match rows.
+    rows_a = torch.cat([a["boxes"], a["scores"][:, None], a["labels"][:, None].float()], 1)
+    rows_b = torch.cat([b["boxes"], b["scores"][:, None], b["labels"][:, None].float()], 1)
+    distance = (rows_a[:, None, :] - rows_b[None, :, :]).abs().amax(-1)
+    # Rows at the detections-per-image cut-off can differ by a near-tie; compare the ones clearly above it.
+    clear = a["scores"] > max(a["scores"].min(), b["scores"].min()) + 1e-3
+    assert clear.sum() > 10
+    assert distance[clear].min(1).values.max().item() <= 1e-4
+    if "masks" in a:
+        order = distance.argmin(1)
+        assert (a["masks"] - b["masks"][order]).abs().max().item() <= 1e-4
+
+
+def test_bad_precision():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        optimize_for_inference(nn.Conv2d(1, 1, 1), precision="int8")

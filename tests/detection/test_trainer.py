@@ -1,0 +1,197 @@
+"""The trainer end to end on the smoke config: outputs, exact resume, guards, interruption, checkpoints."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from detection import trainer as trainer_mod
+from detection.checkpoint import Checkpointer, load_checkpoint
+from detection.config import load_config
+from detection.engine import NonFiniteLossError
+from detection.logger import read_jsonl
+from detection.trainer import ResumeError, TrainingInterrupted, evaluate_only, train
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "smoke" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def shapes_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes-cache")
+
+
+def smoke_cfg(shapes_cache, *overrides):
+    return load_config(SMOKE, [f"data.shapes.cache_dir={shapes_cache}", *overrides])
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    return {r["iteration"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r.get("type") == "train"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shapes_cache):
+    out = tmp_path_factory.mktemp("run")
+    metrics = train(smoke_cfg(shapes_cache), output_dir=out, log=lambda s: None)
+    return out, metrics
+
+
+def test_a_run_writes_every_output(finished_run):
+    out, metrics = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "results.json", "model_final.pth", "last_checkpoint"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl", "segm/AP", "segm/AP50"):
+        assert key in saved and key in metrics
+    assert "bbox/AP-circle" in saved and saved["train/iterations"] == 4
+    from PIL import Image
+
+    for png in ("predictions.png", "curves.png"):
+        with Image.open(out / png) as img:
+            img.load()
+            assert img.size[0] > 100 and img.size[1] > 100
+    assert load_config(out / "config.yaml") == smoke_cfg(load_config(out / "config.yaml").data.shapes.cache_dir)
+
+
+def test_checkpoint_holds_everything_needed_to_resume(finished_run):
+    out, _ = finished_run
+    ckpt = load_checkpoint(out / "model_final.pth")
+    for key in ("model", "optimizer", "scheduler", "scaler", "iteration", "epoch", "rng", "config", "categories", "versions"):
+        assert key in ckpt, key
+    assert ckpt["iteration"] == 4
+    assert ckpt["categories"]["categories"][0]["name"] == "circle" or "circle" in json.dumps(ckpt["categories"])
+    assert ckpt["config"]["model"]["backbone"]["name"] == "resnet18"
+    assert set(ckpt["versions"]) >= {"torch", "torchvision"}
+    # The last k numbered checkpoints are kept (k=3 by default; one was written at iteration 2).
+    assert (out / "model_0000002.pth").is_file()
+
+
+def test_resume_continues_exactly(finished_run, tmp_path, shapes_cache):
+    out, _ = finished_run
+    reference = train_losses(out)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(out / "model_0000002.pth", resumed / "model_0000002.pth")
+    train(smoke_cfg(shapes_cache), output_dir=resumed, resume=True, log=lambda s: None)
+    after = train_losses(resumed)
+    assert sorted(after) == [3, 4]
+    for it in (3, 4):
+        assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
+
+
+def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, shapes_cache):
+    out, _ = finished_run
+    cfg = smoke_cfg(shapes_cache, "model.backbone.name=resnet34", "model.min_size=160")
+    with pytest.raises(ResumeError) as info:
+        train(cfg, output_dir=tmp_path, resume=str(out / "model_0000002.pth"), log=lambda s: None)
+    message = str(info.value)
+    assert "its model config differs from this run's" in message
+    assert "model.backbone.name: resnet18 != resnet34" in message
+    assert "model.min_size: 128 != 160" in message
+
+
+def test_resume_without_checkpoint_explains(tmp_path, shapes_cache):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--resume: no checkpoint in {tmp_path}")):
+        train(smoke_cfg(shapes_cache), output_dir=tmp_path, resume=True, log=lambda s: None)
+
+
+def test_eval_only_reproduces_the_final_metrics(finished_run, tmp_path, shapes_cache):
+    out, metrics = finished_run
+    again = evaluate_only(smoke_cfg(shapes_cache), out / "model_final.pth", output_dir=tmp_path, log=lambda s: None)
+    for key in ("bbox/AP", "bbox/AP50", "segm/AP"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-9)
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "predictions.png").is_file()
+
+
+class NanLosses(torch.nn.Module):
+    """Wraps a detector and poisons one loss term in training."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, targets=None):
+        out = self.model(images, targets)
+        if self.training:
+            out["loss_mask"] = out["loss_mask"] * float("nan")
+        return out
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_context(tmp_path, shapes_cache, monkeypatch):
+    real = trainer_mod.build_model
+    monkeypatch.setattr(trainer_mod, "build_model", lambda cfg, n: NanLosses(real(cfg, n)))
+    cfg = smoke_cfg(shapes_cache, "train.max_bad_steps=3")
+    logged = []
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, output_dir=tmp_path, log=logged.append)
+    message = str(info.value)
+    assert message.startswith("non-finite loss at iteration 3 (3 consecutive, limit 3): ")
+    assert "loss_mask=nan" in message and "loss_classifier=" in message
+    assert re.search(r"image ids in this batch: \[\d+, \d+\]", message)
+    assert sum("skipped step, non-finite loss at iteration" in line for line in logged) == 2
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch):
+    real_step = trainer_mod.train_step
+    calls = {"n": 0}
+
+    def interrupting_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "train_step", interrupting_step)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, log=lambda s: None)
+    assert info.value.checkpoint == tmp_path / "model_0000002.pth"
+    assert load_checkpoint(info.value.checkpoint)["iteration"] == 2
+    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, resume=True, log=lambda s: None)
+    assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
+
+
+def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    good = ckpt.save_numbered(10, {"model": {"w": torch.ones(2)}, "iteration": 10})
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_numbered(20, {"model": {"w": torch.zeros(2)}, "iteration": 20})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.last() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000010.pth"]
+    assert torch.equal(torch.load(good, weights_only=True)["model"]["w"], torch.ones(2))
+
+
+def test_only_the_last_k_numbered_checkpoints_are_kept(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for it in (1, 2, 3, 4):
+        ckpt.save_numbered(it, {"iteration": it})
+    ckpt.save("model_best", {"iteration": 2}, update_last=False)
+    names = sorted(p.name for p in tmp_path.glob("*.pth"))
+    assert names == ["model_0000003.pth", "model_0000004.pth", "model_best.pth"]
+    assert ckpt.last().name == "model_0000004.pth"
+
+
+def test_periodic_evaluation_and_best_checkpoint(tmp_path, shapes_cache):
+    cfg = smoke_cfg(shapes_cache, "train.eval_period=2")
+    train(cfg, output_dir=tmp_path, log=lambda s: None)
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "eval"]
+    assert [r["iteration"] for r in evals] == [2, 4]
+    assert all("bbox/AP" in r for r in evals)
+    assert (tmp_path / "model_best.pth").is_file()
