@@ -68,7 +68,9 @@ ARCHS: dict[str, _Arch] = {
 }
 
 #: Keyword options that ``build_detector`` handles itself (the rest go to torchvision's class).
-OWN_OPTIONS = ("anchor_sizes", "aspect_ratios", "box_head_dim", "mask_head_channels")
+OWN_OPTIONS = (
+    "anchor_sizes", "aspect_ratios", "box_head_dim", "box_head_convs", "mask_head_channels", "roi_canonical_scale",
+)
 
 
 def _arch(name: str) -> _Arch:
@@ -198,9 +200,14 @@ def build_detector(
         **head_options: keyword arguments of torchvision's detector class (``min_size``,
             ``box_score_thresh``, ``rpn_anchor_generator``, ...), plus ``anchor_sizes`` (one tuple of
             sizes per level) and ``aspect_ratios`` (one tuple, used at every level), which replace the
-            derived anchors, and for the R-CNNs ``box_head_dim`` (width of the two-layer box head,
-            torchvision: 1024) and ``mask_head_channels`` (channels of each mask-head conv,
-            torchvision: ``(256, 256, 256, 256)``): small heads for small images and CPUs.
+            derived anchors, and for the R-CNNs ``box_head_dim`` (width of the box head's fully
+            connected layers, torchvision: 1024), ``box_head_convs`` (channels of 3x3 conv + BN layers
+            before them, as in the v2 models: ``(256, 256, 256, 256)``; default none) and
+            ``mask_head_channels`` (channels of each mask-head conv, torchvision:
+            ``(256, 256, 256, 256)``): small heads for small images and CPUs; and ``roi_canonical_scale``
+            (the box side, in pixels, that the RoI poolers read from ``p4``; a box of half that side is
+            read from ``p3``, and so on. torchvision: 224, made for ~800 px images; small images with
+            small objects want a proportionally smaller value, or every RoI lands on ``p2``).
 
     Returns:
         The torchvision detector (``FasterRCNN``, ``MaskRCNN``, ``KeypointRCNN``, ``RetinaNet`` or
@@ -243,9 +250,10 @@ def build_detector(
     channels = module.out_channels
 
     box_head_dim = options.pop("box_head_dim", None)
+    box_convs = options.pop("box_head_convs", None)
     mask_channels = options.pop("mask_head_channels", None)
-    if spec.family != "rcnn" and (box_head_dim is not None or mask_channels is not None):
-        raise ValueError(f"box_head_dim and mask_head_channels apply to the R-CNN detectors, not {arch}")
+    if spec.family != "rcnn" and (box_head_dim is not None or box_convs is not None or mask_channels is not None):
+        raise ValueError(f"box_head_dim, box_head_convs and mask_head_channels apply to the R-CNN detectors, not {arch}")
     if mask_channels is not None and spec.cls is not MaskRCNN:
         raise ValueError(f"mask_head_channels needs a Mask R-CNN arch, got {arch}")
     sizes = options.pop("anchor_sizes", None)
@@ -268,17 +276,30 @@ def build_detector(
     _check_anchors(anchor_key, options[anchor_key], info)
     num_anchors = options[anchor_key].num_anchors_per_location()[0]
 
+    canonical = options.pop("roi_canonical_scale", None)
+    if canonical is not None and (spec.family != "rcnn" or not float(canonical) > 0):
+        raise ValueError(f"roi_canonical_scale must be a positive box side in pixels for an R-CNN arch; "
+                         f"got {canonical!r} for {arch}")
     if spec.family == "rcnn":
         pooled = [s.name for s in info if s.stride <= 32] or [info[0].name]
-        options.setdefault("box_roi_pool", MultiScaleRoIAlign(pooled, output_size=7, sampling_ratio=2))
+
+        def pooler(size: int) -> MultiScaleRoIAlign:
+            return MultiScaleRoIAlign(pooled, output_size=size, sampling_ratio=2, canonical_scale=int(canonical or 224))
+
+        options.setdefault("box_roi_pool", pooler(7))
         if spec.cls is MaskRCNN:
-            options.setdefault("mask_roi_pool", MultiScaleRoIAlign(pooled, output_size=14, sampling_ratio=2))
+            options.setdefault("mask_roi_pool", pooler(14))
         if spec.cls is KeypointRCNN:
-            options.setdefault("keypoint_roi_pool", MultiScaleRoIAlign(pooled, output_size=14, sampling_ratio=2))
+            options.setdefault("keypoint_roi_pool", pooler(14))
         for key in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
             if options.get(key) is not None:
                 _check_pooler(key, options[key], info)
-        if box_head_dim is not None:
+        if box_convs is not None:
+            dim = int(box_head_dim or 1024)
+            convs = [int(c) for c in box_convs]
+            options.setdefault("box_head", FastRCNNConvFCHead((channels, 7, 7), convs, [dim], norm_layer=nn.BatchNorm2d))
+            options.setdefault("box_predictor", FastRCNNPredictor(dim, num_classes))
+        elif box_head_dim is not None:
             options.setdefault("box_head", TwoMLPHead(channels * 7 * 7, int(box_head_dim)))
             options.setdefault("box_predictor", FastRCNNPredictor(int(box_head_dim), num_classes))
         if mask_channels is not None:

@@ -230,3 +230,23 @@ def test_load_weights_accepts_ddp_prefix_and_training_checkpoints(tmp_path):
     fresh = build_detector("fcos", backbone={"name": "resnet18", "fpn": {"out_channels": 64}}, num_classes=3)
     load_weights(fresh, path)
     assert torch.equal(fresh.head.classification_head.cls_logits.bias, model.head.classification_head.cls_logits.bias + 1)
+
+
+def test_roi_canonical_scale_moves_small_boxes_to_coarser_levels():
+    def levels(model, sides):
+        pool = model.roi_heads.box_roi_pool
+        feats = {name: torch.zeros(1, 64, 128 // s, 128 // s) for name, s in zip(["p2", "p3", "p4", "p5"], [4, 8, 16, 32])}
+        boxes = [torch.tensor([[0.0, 0.0, s, s] for s in sides])]
+        pool(feats, boxes, [(128, 128)])  # the first call infers the level strides from the feature sizes
+        return pool.map_levels(boxes).tolist()
+
+    kwargs = dict(backbone={"name": "resnet18", "fpn": {"out_channels": 64}}, num_classes=4)
+    default = build_detector("mask_rcnn", **kwargs)
+    small = build_detector("mask_rcnn", roi_canonical_scale=112, **kwargs)
+    assert default.roi_heads.box_roi_pool.canonical_scale == 224
+    assert small.roi_heads.box_roi_pool.canonical_scale == small.roi_heads.mask_roi_pool.canonical_scale == 112
+    # level index 0 = p2: with torchvision's 224 every box up to 111 px reads p2; with 112, 56-111 px read p3
+    assert levels(default, [30, 60, 100]) == [0, 0, 0]
+    assert levels(small, [30, 60, 100]) == [0, 1, 1]
+    with pytest.raises(ValueError, match="roi_canonical_scale must be a positive box side in pixels for an R-CNN arch"):
+        build_detector("retinanet", backbone="resnet18", num_classes=4, roi_canonical_scale=112)
