@@ -261,6 +261,8 @@ class ShapesConfig:
         size_range: object size (circle diameter, square / triangle side) as a fraction of the image side,
             drawn uniformly in ``[low, high]``.
         distractors: ``[fewest, most]`` irregular unannotated blobs painted into each background.
+        min_visible: every annotated object keeps at least this fraction of its pixels visible when later
+            objects overlap it.
         seed: generator seed; the same seed gives byte-identical images and annotations.
         cache_dir: folder the generated dataset is written to and reused from (``~`` is expanded at
             use time); one sub-folder per setting of the fields above.
@@ -273,6 +275,7 @@ class ShapesConfig:
     max_objects: int = 6
     size_range: tuple[float, float] = (0.10, 0.45)
     distractors: tuple[int, int] = (1, 3)
+    min_visible: float = 0.3
     seed: int = 0
     cache_dir: str = "~/.cache/resnet_fpn_det/shapes"
 
@@ -297,6 +300,7 @@ class ShapesConfig:
             0 <= self.distractors[0] <= self.distractors[1],
             f"distractors must be [fewest, most] with 0 <= fewest <= most; got {list(self.distractors)}",
         )
+        _require(0 < self.min_visible <= 1, f"min_visible must be in (0, 1]; got {self.min_visible}")
         _require(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
         _require(self.cache_dir.strip() != "", "cache_dir must be a non-empty path")
 

@@ -80,12 +80,14 @@ class ProgressLogger:
         device: torch.device,
         images_per_iter: int,
         stream: IO[str] | None = None,
+        enabled: bool = True,
     ) -> None:
         self.max_iters = max_iters
         self.period = period
         self.device = device
         self.images_per_iter = images_per_iter
         self.stream = stream or sys.stderr
+        self.enabled = enabled
         self.interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._mark_iter = start_iter
         self._mark_time = time.perf_counter()
@@ -126,6 +128,8 @@ class ProgressLogger:
             f"({terms}) | lr {lr:.2e} | {record['img_per_s']:.1f} img/s | mem {record['peak_mem_mb']:.0f} MB"
         )
         self.last_line = line
+        if not self.enabled:
+            return record
         if self.interactive:
             end = "\n" if iteration >= self.max_iters else ""
             self.stream.write("\r\x1b[2K" + line + end)
@@ -136,6 +140,6 @@ class ProgressLogger:
 
     def newline(self) -> None:
         """End an in-place line before other output."""
-        if self.interactive:
+        if self.interactive and self.enabled:
             self.stream.write("\n")
             self.stream.flush()

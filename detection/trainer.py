@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -91,7 +92,7 @@ def _data_paths(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, 
         kwargs = dict(
             num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
             min_objects=s.min_objects, max_objects=s.max_objects, size_range=tuple(s.size_range),
-            distractors=tuple(s.distractors),
+            distractors=tuple(s.distractors), min_visible=s.min_visible,
         )
         cache = Path(os.path.expanduser(s.cache_dir))
         if dist.is_main_process():
@@ -396,12 +397,13 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
             "config": config_to_dict(cfg), "categories": categories.state_dict(), "best_metric": best,
         }
 
-    progress = ProgressLogger(max_iters, start_iter, cfg.train.log_period, device, cfg.train.batch_size * run.world)
+    progress = ProgressLogger(max_iters, start_iter, cfg.train.log_period, device, cfg.train.batch_size * run.world,
+                              enabled=run.main)
     iteration, epoch = start_iter, start_iter // iters_per_epoch
     bad_steps, micro = 0, 0
     no_sync = getattr(ddp_model, "no_sync", None)
     t_start = time.perf_counter()
-    last_losses: dict[str, float] = {}
+    window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
     try:
         while iteration < max_iters:
             batches.set_epoch(epoch, skip=iteration - epoch * iters_per_epoch)
@@ -431,14 +433,16 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
                         run.log("warning: skipped step, " + message)
                     else:
                         bad_steps = 0
-                        last_losses = result.losses
+                        for k, v in result.losses.items():
+                            window.setdefault(k, []).append(v)
                 iteration += 1
                 with warnings.catch_warnings():
                     # The schedule follows iterations, also when a skipped (non-finite) step made no update.
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
                     scheduler.step()
                 if iteration % cfg.train.log_period == 0 or iteration == max_iters:
-                    losses = dist.reduce_mean({k: torch.tensor(v) for k, v in last_losses.items()})
+                    losses = dist.reduce_mean({k: torch.tensor(sum(v) / len(v)) for k, v in window.items()})
+                    window = {}
                     record = progress.update(iteration, losses, optimizer.param_groups[0]["lr"], force=True)
                     if jsonl is not None and record is not None:
                         jsonl.write({"type": "train", "epoch": epoch, **record})
@@ -522,9 +526,13 @@ def evaluate_only(
     *,
     output_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] = print,
+    optimize: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a checkpoint on ``cfg``'s validation set; writes ``metrics.json``, ``results.json`` and
     ``predictions.png`` into the output folder and returns the metrics.
+
+    ``optimize`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) evaluates through
+    :func:`detection.optimize_for_inference` at that backbone precision.
 
     ``weights`` is one of our checkpoints (its stored category mapping is used) or a torchvision
     detector state dict. A torchvision COCO model predicts original COCO category ids as labels, so
@@ -533,12 +541,12 @@ def evaluate_only(
     """
     run = _Run(cfg, output_dir, log)
     try:
-        return _evaluate_only(run, Path(weights).expanduser())
+        return _evaluate_only(run, Path(weights).expanduser(), optimize)
     finally:
         dist.cleanup()
 
 
-def _evaluate_only(run: _Run, weights: Path) -> dict[str, float]:
+def _evaluate_only(run: _Run, weights: Path, optimize: str | None = None) -> dict[str, float]:
     from backbone import read_checkpoint_and_extras
 
     from .data import CategoryMapping
@@ -565,4 +573,9 @@ def _evaluate_only(run: _Run, weights: Path) -> dict[str, float]:
     load_weights(model, state_dict)
     model.to(run.device)
     run.log(f"loaded {weights}")
+    if optimize is not None:
+        from .inference import optimize_for_inference
+
+        optimize_for_inference(model, precision=optimize)  # type: ignore[arg-type]
+        run.log(f"fast inference path: BN folded, channels-last backbone, {optimize} backbone/FPN")
     return run.evaluate(model, val_set, label_to_cat, tag=str(weights), write_outputs=True)
