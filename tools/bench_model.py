@@ -29,12 +29,15 @@ reported with the ratio ours / torchvision (< 1 means ours is faster or smaller)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -226,7 +229,7 @@ def _train_step_fn(model: torch.nn.Module, images: list[torch.Tensor], targets: 
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -273,14 +276,48 @@ def _memory_probe(args: argparse.Namespace, device: torch.device) -> dict[str, A
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    loss = step()
-    if device.type == "cuda":
+        loss = step()
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        with _RssSampler() as rss:
+            loss = step()
+        peak = rss.peak - rss.base
     return {"probe": kind, "peak_bytes": peak, "loss": loss}
+
+
+class _RssSampler:
+    """Peak resident memory of this process while the ``with`` body runs, sampled every millisecond
+    from ``/proc/self/statm`` (the high-water mark ``ru_maxrss`` would also count whatever the process
+    touched before, such as loading the weights); falls back to ``ru_maxrss`` without ``/proc``."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.proc = os.path.exists("/proc/self/statm")
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        if self.proc:
+            with open("/proc/self/statm", encoding="ascii") as f:
+                return int(f.read().split()[1]) * self.page
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __enter__(self) -> _RssSampler:
+        gc.collect()
+        self.base = self.peak = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
 
 
 def bench_memory(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
