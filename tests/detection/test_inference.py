@@ -90,3 +90,52 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
 def test_bad_precision():
     with pytest.raises(ValueError, match="precision must be one of"):
         optimize_for_inference(nn.Conv2d(1, 1, 1), precision="int8")
+
+
+@pytest.mark.slow
+def test_bf16_fast_path_agrees_with_fp32_on_a_trained_model():
+    """The quickstart's trained model, in fp32 and through the bf16 fast path: every confident fp32
+    detection is found again with the same label and box IoU > 0.9. Needs the quickstart's output
+    (``output/quickstart/model_final.pth``, or a path in ``QUICKSTART_CHECKPOINT``), since training it
+    takes ~11 min; skipped without it."""
+    import os
+    import warnings
+    from pathlib import Path
+
+    from torchvision.io import read_image
+    from torchvision.ops import box_iou
+
+    from backbone import read_checkpoint_and_extras
+    from detection.config import load_config
+    from detection.trainer import build_model
+    from detection.weights import load_weights
+
+    repo = Path(__file__).resolve().parents[2]
+    ckpt = Path(os.environ.get("QUICKSTART_CHECKPOINT", repo / "output" / "quickstart" / "model_final.pth"))
+    if not ckpt.is_file():
+        pytest.skip(f"no trained quickstart checkpoint at {ckpt}: run the README's first command")
+    state, _ = read_checkpoint_and_extras(ckpt)
+    cfg = load_config(repo / "configs" / "quickstart.yaml")
+    images_dir = Path(os.path.expanduser(cfg.data.shapes.cache_dir))
+    val_dirs = sorted(images_dir.glob("shapes-*/val/images"))
+    if not val_dirs:
+        pytest.skip(f"no generated shapes val images under {images_dir}")
+    reference, fast = build_model(cfg, 4), build_model(cfg, 4)
+    load_weights(reference, state)
+    load_weights(fast, state)
+    reference.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPUs without native bf16 warn that it is slow; it is still correct
+        optimize_for_inference(fast, precision="bf16")
+    images = [read_image(str(p)).float() / 255 for p in sorted(val_dirs[0].iterdir())[:8]]
+    confident = 0
+    with torch.no_grad():
+        for ref, out in zip(reference(images), fast(images)):
+            assert out["boxes"].dtype == torch.float32 and out["masks"].dtype == torch.float32
+            keep = ref["scores"] > 0.5
+            confident += int(keep.sum())
+            for box, label in zip(ref["boxes"][keep], ref["labels"][keep]):
+                same = out["labels"] == label
+                assert same.any(), "a confident fp32 detection has no bf16 detection of the same class"
+                assert box_iou(box[None], out["boxes"][same]).max() > 0.9
+    assert confident >= 5, f"only {confident} confident detections: is {ckpt} trained?"
