@@ -87,6 +87,25 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
         assert (a["masks"] - b["masks"][order]).abs().max().item() <= 1e-4
 
 
+def test_bf16_fast_path_on_cpu_keeps_outputs_float32():
+    import warnings
+
+    torch.manual_seed(0)
+    model = build_detector("mask_rcnn", backbone={"name": "resnet18", "fpn": {"out_channels": 32}}, num_classes=4,
+                           min_size=64, max_size=64, box_score_thresh=0.0).eval()
+    seen = []
+    model.backbone.body.register_forward_hook(lambda m, i, out: seen.append(next(iter(out.values())).dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CPUs without native bf16 warn that it is slow
+        optimize_for_inference(model, precision="bf16")
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64)])[0]
+    assert seen == [torch.bfloat16]
+    assert len(out["boxes"]) > 0
+    for key in ("boxes", "scores", "masks"):
+        assert out[key].dtype == torch.float32, key
+
+
 def test_bad_precision():
     with pytest.raises(ValueError, match="precision must be one of"):
         optimize_for_inference(nn.Conv2d(1, 1, 1), precision="int8")
