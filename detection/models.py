@@ -294,14 +294,14 @@ def build_detector(
         for key in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
             if options.get(key) is not None:
                 _check_pooler(key, options[key], info)
-        if box_convs is not None:
+        if box_convs is not None or box_head_dim is not None:
             dim = int(box_head_dim or 1024)
-            convs = [int(c) for c in box_convs]
-            options.setdefault("box_head", FastRCNNConvFCHead((channels, 7, 7), convs, [dim], norm_layer=nn.BatchNorm2d))
+            if box_convs is not None:
+                head = FastRCNNConvFCHead((channels, 7, 7), [int(c) for c in box_convs], [dim], norm_layer=nn.BatchNorm2d)
+            else:
+                head = TwoMLPHead(channels * 7 * 7, dim)
+            options.setdefault("box_head", head)
             options.setdefault("box_predictor", FastRCNNPredictor(dim, num_classes))
-        elif box_head_dim is not None:
-            options.setdefault("box_head", TwoMLPHead(channels * 7 * 7, int(box_head_dim)))
-            options.setdefault("box_predictor", FastRCNNPredictor(int(box_head_dim), num_classes))
         if mask_channels is not None:
             mask_channels = [int(c) for c in mask_channels]
             options.setdefault("mask_head", MaskRCNNHeads(channels, mask_channels, 1))

@@ -291,7 +291,6 @@ class _RssSampler:
     touched before, such as loading the weights); falls back to ``ru_maxrss`` without ``/proc``."""
 
     def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.proc = os.path.exists("/proc/self/statm")
         self.base = self.peak = 0
         self._stop = threading.Event()
@@ -300,7 +299,7 @@ class _RssSampler:
     def _rss(self) -> int:
         if self.proc:
             with open("/proc/self/statm", encoding="ascii") as f:
-                return int(f.read().split()[1]) * self.page
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _run(self) -> None:
