@@ -155,3 +155,87 @@ def test_bf16_fast_path_agrees_with_fp32_on_a_trained_model(tmp_path):
                 assert same.any(), "a confident fp32 detection has no bf16 detection of the same class"
                 assert box_iou(box[None], out["boxes"][same]).max() > 0.9
     assert confident >= 5, f"the trained model made only {confident} confident detections"
+
+
+def test_paste_masks_is_identical_to_torchvisions():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from detection.inference import paste_masks
+
+    torch.manual_seed(0)
+    masks = torch.rand(12, 1, 28, 28)
+    xy = torch.rand(12, 2) * 90
+    boxes = torch.cat([xy, xy + 1 + torch.rand(12, 2) * 60], 1).clamp(max=99.0)
+    boxes[0] = torch.tensor([0.0, 0.0, 99.0, 79.0])  # the whole image: expansion runs past every edge
+    boxes[1] = torch.tensor([50.0, 40.0, 50.4, 40.3])  # thinner than a pixel
+    expected = paste_masks_in_image(masks, boxes, (80, 100))
+    got = paste_masks(masks, boxes, (80, 100))
+    assert got.shape == (12, 1, 80, 100)
+    assert torch.equal(got, expected)
+    assert paste_masks(masks[:0], boxes[:0], (80, 100)).shape == (0, 1, 80, 100)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatch):
+    import threading
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    import detection.inference as inference
+    from detection.inference import _threaded_roi_pool
+
+    ran_in = []
+    kernel = inference.roi_align
+
+    def recording(*args):
+        ran_in.append(threading.current_thread().name)
+        return kernel(*args)
+
+    monkeypatch.setattr(inference, "roi_align", recording)
+
+    torch.manual_seed(0)
+    features = {k: torch.randn(2, 8, s, s) for k, s in (("0", 64), ("1", 32), ("2", 16), ("3", 8))}
+    features = {k: v.contiguous(memory_format=torch.channels_last) if k == "1" else v for k, v in features.items()}
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(40, 2) * 200
+        boxes.append(torch.cat([xy, xy + 2 + torch.rand(40, 2) * 150], 1))
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
+    threaded = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
+    _threaded_roi_pool(threaded)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the threaded path needs at least two
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if precision == "bf16":
+                features = {k: v.bfloat16() for k, v in features.items()}
+            expected = plain(features, boxes, [(256, 256)] * 2)
+            got = threaded(features, boxes, [(256, 256)] * 2)
+    finally:
+        torch.set_num_threads(threads)
+    levels = plain.map_levels(boxes)
+    assert len(levels.unique()) >= 3  # RoIs on several levels, several chunks each
+    assert got.dtype == expected.dtype
+    assert torch.equal(got, expected)
+    assert len(ran_in) >= 2 * len(levels.unique()) and all(name.startswith("roi_align") for name in ran_in)
+
+
+def test_gemm_mask_predictor_matches_the_convolutions():
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    from detection.inference import _gemm_mask_predictor
+
+    torch.manual_seed(0)
+    plain = MaskRCNNPredictor(16, 12, 5).eval()
+    fast = MaskRCNNPredictor(16, 12, 5).eval()
+    fast.load_state_dict(plain.state_dict())
+    assert _gemm_mask_predictor(fast)
+    x = torch.randn(6, 16, 14, 14)
+    with torch.no_grad():
+        expected, got = plain(x), fast(x)
+        cl = fast(x.contiguous(memory_format=torch.channels_last))
+    assert got.shape == expected.shape == (6, 5, 28, 28)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (cl - expected).abs().max().item() <= 1e-5
+    # Anything else is left alone.
+    assert not _gemm_mask_predictor(nn.Sequential(nn.Conv2d(16, 5, 1)))
