@@ -108,7 +108,7 @@ def build_backbone(spec: str | BackboneConfig | Mapping[str, Any] | None = None,
             :class:`FPNConfig` fields.
         **options: see :class:`BackboneConfig` (``weights``, ``norm``, ``trainable_stages``,
             ``norm_eval``, ``out_features``, ``style``, ``output_stride``, ``zero_init_residual``,
-            ``checkpoint_stages``, ``fpn``).
+            ``checkpoint_stages``, ``base_channels``, ``fpn``).
 
     Returns:
         :class:`BackboneWithFPN`. Defaults reproduce torchvision's ``resnet_fpn_backbone``:
@@ -135,6 +135,7 @@ def build_backbone(spec: str | BackboneConfig | Mapping[str, Any] | None = None,
         norm_eval=cfg.norm_eval,
         zero_init_residual=cfg.zero_init_residual,
         checkpoint_stages=cfg.checkpoint_stages,
+        base_channels=cfg.base_channels,
     )
     if cfg.weights:
         load_backbone_weights(body, cfg.name, cfg.weights)

@@ -121,6 +121,9 @@ class BackboneConfig:
         zero_init_residual: zero the last norm's scale in each residual branch.
         checkpoint_stages: levels whose blocks use activation checkpointing, for example
             ``("c2", "c3")``; outputs and gradients are unchanged, peak training memory drops.
+        base_channels: width of the stem and first stage (each later stage doubles it). 64 is the
+            standard ResNet and the only width pretrained weights exist for; 32 halves every width
+            (about a quarter of the compute), for training from scratch on small images and CPUs.
         fpn: the pyramid options (:class:`FPNConfig`).
     """
 
@@ -135,6 +138,7 @@ class BackboneConfig:
     output_stride: Literal[8, 16, 32] = 32
     zero_init_residual: bool = False
     checkpoint_stages: tuple[str, ...] = ()
+    base_channels: int = 64
     fpn: FPNConfig = field(default_factory=FPNConfig)
 
     def __post_init__(self) -> None:
@@ -149,6 +153,13 @@ class BackboneConfig:
             raise ValueError(f"norm must be one of bn, frozen_bn, gn, sync_bn (or None for the default); got {self.norm!r}")
         if self.gn_groups <= 0:
             raise ValueError(f"gn_groups must be positive, got {self.gn_groups}")
+        if not isinstance(self.base_channels, int) or self.base_channels < 1:
+            raise ValueError(f"base_channels must be a positive channel count (64 for standard ResNets); got {self.base_channels!r}")
+        if self.weights and self.base_channels != 64:
+            raise ValueError(
+                f"weights={self.weights!r} are for the standard width, but base_channels={self.base_channels}; "
+                "pretrained ResNets all have base_channels=64: drop weights or base_channels"
+            )
         if self.trainable_stages is not None and not 0 <= self.trainable_stages <= 5:
             raise ValueError(
                 f"trainable_stages must be in 0..5 (0 freezes everything, 5 trains the stem too); got {self.trainable_stages}"

@@ -180,6 +180,9 @@ class ResNetBody(nn.Module):
         zero_init_residual: initialise the last norm of each residual branch to zero.
         checkpoint_stages: levels whose blocks recompute activations in backward instead of
             storing them (same outputs and gradients, lower peak memory).
+        base_channels: width of the stem and of the first stage's blocks (``planes``); each later
+            stage doubles it. 64 is every standard ResNet; 32 gives a ResNet of half the width and
+            about a quarter of the compute (no pretrained weights exist for it).
 
     Input: float tensor ``[N, 3, H, W]``, normalised as torchvision's ImageNet weights expect.
     Output: ``OrderedDict`` name -> tensor ``[N, C, ceil(H / stride), ceil(W / stride)]`` in
@@ -206,6 +209,7 @@ class ResNetBody(nn.Module):
         norm_eval: bool = False,
         zero_init_residual: bool = False,
         checkpoint_stages: Sequence[str] = (),
+        base_channels: int = 64,
     ) -> None:
         super().__init__()
         if block not in ("basic", "bottleneck"):
@@ -219,23 +223,25 @@ class ResNetBody(nn.Module):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if not 0 <= trainable_stages <= 5:
             raise ValueError(f"trainable_stages must be in 0..5, got {trainable_stages}")
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be a positive channel count, got {base_channels}")
         block_cls: type[BasicBlock] | type[Bottleneck] = BasicBlock if block == "basic" else Bottleneck
         self._out_features = tuple(n for n in LEVELS if n in out_features)
         self.norm_eval = norm_eval
         self.checkpoint_stages = frozenset(checkpoint_stages)
 
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(64)
+        self.conv1 = nn.Conv2d(3, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         # Which stages trade their stride for dilation (torchvision's replace_stride_with_dilation).
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
         last_stage = LEVELS.index(self._out_features[-1])
-        in_channels, stride_so_far, dilation = 64, 4, 1
+        in_channels, stride_so_far, dilation = base_channels, 4, 1
         specs: list[FeatureSpec] = []
         self.stage_names: list[str] = []
-        for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        for i, (planes, num_blocks) in enumerate(zip((base_channels, 2 * base_channels, 4 * base_channels, 8 * base_channels), layers)):
             if i > last_stage:
                 break
             stride = 1 if i == 0 else 2

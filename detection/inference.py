@@ -91,14 +91,15 @@ def fold_batch_norms(model: nn.Module) -> int:
     return folded
 
 
-def _channels_last_input(backbone: nn.Module) -> None:
-    forward = backbone.forward
+def channels_last_input(module: nn.Module) -> None:
+    """Patch ``module.forward`` to convert its (batched, 4-D) input to the channels-last format."""
+    forward = module.forward
 
     @functools.wraps(forward)
     def wrapped(x: torch.Tensor):  # type: ignore[no-untyped-def]
         return forward(x.contiguous(memory_format=torch.channels_last))
 
-    backbone.forward = wrapped
+    module.forward = wrapped
 
 
 _EXECUTOR_LOCK = threading.Lock()
@@ -246,7 +247,7 @@ def _fast_postprocess(transform: nn.Module) -> None:
 
 def _channels_last_module(module: nn.Module) -> None:
     module.to(memory_format=torch.channels_last)
-    _channels_last_input(module)
+    channels_last_input(module)
 
 
 def optimize_for_inference(
@@ -290,7 +291,7 @@ def optimize_for_inference(
             if isinstance(module, nn.Module):
                 module.to(memory_format=torch.channels_last)
         if isinstance(mask_head, nn.Module):
-            _channels_last_input(mask_head)
+            channels_last_input(mask_head)
     if isinstance(roi_heads, nn.Module):
         _contiguous_features(roi_heads)
         for name in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):

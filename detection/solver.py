@@ -11,6 +11,8 @@ from .config import OptimizerConfig, ScheduleConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
 
+# Devices where torch.optim.AdamW(fused=True) has kernels.
+_FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
@@ -18,7 +20,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
     """SGD with momentum or AdamW over the trainable parameters.
 
     With ``no_decay_norm_and_bias`` the norm layers' parameters and all biases get no weight decay
-    (two parameter groups); otherwise one group with ``weight_decay``.
+    (two parameter groups); otherwise one group with ``weight_decay``. AdamW uses the fused update
+    when ``cfg.fused`` is set and every parameter is on a device that has it.
     """
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
@@ -37,7 +40,9 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.
         raise ValueError("the model has no trainable parameters (every stage frozen?); nothing to optimise")
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    params = decay + no_decay
+    fused = cfg.fused and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=fused or None)
 
 
 def lr_factor(iteration: int, cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int) -> float:

@@ -344,6 +344,12 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
+    if cfg.train.channels_last:
+        # Images arrive as a list of (C, H, W) tensors; the model batches them, so convert the batch
+        # where it enters the backbone.
+        from .inference import channels_last_input
+
+        channels_last_input(model.backbone)
 
     loader, batches = _train_loader(train_set, cfg, run.world, run.rank)
     iters_per_epoch = len(batches.sampler)
@@ -412,8 +418,6 @@ def _train(run: _Run, resume: str | os.PathLike[str] | bool | None, weights: str
                 skipped_in_epoch += len(skipped)
                 if images:
                     imgs, tgts = to_device(images, targets, device)
-                    if memory_format is torch.channels_last:
-                        imgs = [i.contiguous(memory_format=torch.channels_last) for i in imgs]
                     result = train_step(
                         ddp_model, imgs, tgts, optimizer=optimizer, scaler=scaler, amp=amp, device=device,
                         accumulate_steps=cfg.train.accumulate_grad_steps, micro_step=micro,

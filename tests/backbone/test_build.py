@@ -181,3 +181,22 @@ def test_summary_shows_stages_norms_and_bn_state():
     assert rows["total"] == ["total", f"{trainable:,}", f"{total:,}"]
     bb.eval()
     assert "update" not in summarize(bb)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_base_channels_scales_every_stage(name):
+    narrow = build_backbone(name, base_channels=32, fpn={"out_channels": 64})
+    standard = build_backbone(name, fpn={"out_channels": 64})
+    assert narrow.body.feature_info.channels() == tuple(c // 2 for c in standard.body.feature_info.channels())
+    assert narrow.body.conv1.out_channels == 32
+    out = narrow(torch.rand(1, 3, 96, 64))
+    assert [tuple(v.shape) for v in out.values()] == [(1, 64, 96 // s, 64 // s) for s in (4, 8, 16, 32)] + [(1, 64, 2, 1)]
+    body_params = sum(p.numel() for p in narrow.body.parameters())
+    assert body_params < 0.3 * sum(p.numel() for p in standard.body.parameters())
+
+
+def test_base_channels_is_refused_with_pretrained_weights_and_when_not_positive(resnet18_imagenet_file):
+    with pytest.raises(ValueError, match=r"pretrained ResNets all have base_channels=64: drop weights or base_channels"):
+        build_backbone("resnet18", weights=str(resnet18_imagenet_file), base_channels=32)
+    with pytest.raises(ValueError, match=r"base_channels must be a positive channel count"):
+        build_backbone("resnet18", base_channels=0)

@@ -195,3 +195,23 @@ def test_periodic_evaluation_and_best_checkpoint(tmp_path, shapes_cache):
     assert [r["iteration"] for r in evals] == [2, 4]
     assert all("bbox/AP" in r for r in evals)
     assert (tmp_path / "model_best.pth").is_file()
+
+
+def test_channels_last_training_runs_the_backbone_in_channels_last(tmp_path, shapes_cache, monkeypatch):
+    seen = []
+    build = trainer_mod.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.backbone.body.conv1.register_forward_pre_hook(
+            lambda m, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+        return model
+
+    monkeypatch.setattr(trainer_mod, "build_model", build_and_watch)
+    cfg = smoke_cfg(shapes_cache, "train.channels_last=true", "train.max_iters=2", "train.checkpoint_period=0",
+                    "train.optimizer.name=adamw", "train.optimizer.lr=0.001")
+    metrics = train(cfg, output_dir=tmp_path, log=lambda s: None)
+    losses = train_losses(tmp_path)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert "bbox/AP" in metrics
+    assert seen and all(seen)  # every batch (training and evaluation) entered the backbone channels-last
