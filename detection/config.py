@@ -379,8 +379,8 @@ class OptimizerConfig:
         scale_lr_by_world_size: linear scaling rule: use ``lr * batch_size * world_size / base_batch_size``.
         base_batch_size: total batch size that ``lr`` was tuned for (used only when scaling).
         fused: AdamW only: update all parameters in one fused kernel (``torch.optim.AdamW(fused=True)``)
-            where the parameters' device supports it. On CPU, the default per-tensor loop costs about 5x
-            more per step; the fused update computes the same rule (values differ by float rounding).
+            where the parameters' device supports it (on CPU, torch's default is a slower per-tensor
+            loop); the fused update computes the same rule (values differ by float rounding).
     """
 
     name: Literal["sgd", "adamw"] = "sgd"

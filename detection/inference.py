@@ -42,7 +42,7 @@ from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setu
 
 from .amp import autocast, decode_in_float32
 
-__all__ = ["fold_batch_norms", "optimize_for_inference"]
+__all__ = ["fold_batch_norms", "optimize_for_inference", "paste_masks"]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -287,11 +287,10 @@ def optimize_for_inference(
     roi_heads = getattr(model, "roi_heads", None)
     mask_head = getattr(roi_heads, "mask_head", None)
     if channels_last:
-        for module in (rpn_head, mask_head):
-            if isinstance(module, nn.Module):
-                module.to(memory_format=torch.channels_last)
+        if isinstance(rpn_head, nn.Module):
+            rpn_head.to(memory_format=torch.channels_last)  # its inputs are the (channels-last) FPN maps
         if isinstance(mask_head, nn.Module):
-            channels_last_input(mask_head)
+            _channels_last_module(mask_head)
     if isinstance(roi_heads, nn.Module):
         _contiguous_features(roi_heads)
         for name in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
