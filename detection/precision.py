@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PRECISIONS", "PrecisionPolicy", "cpu_has_native_bf16", "short_name", "to_dtype"]
+__all__ = ["AUTOCAST_DTYPES", "PRECISIONS", "PrecisionPolicy", "cpu_has_native_bf16", "short_name", "to_dtype"]
 
 #: Every precision name, long and short, and its dtype.
 PRECISIONS: dict[str, torch.dtype] = {
@@ -30,6 +30,9 @@ PRECISIONS: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
+
+#: The config's ``amp.dtype`` values: the dtypes autocast can run in.
+AUTOCAST_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
 
 _SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

@@ -7,9 +7,18 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from backbone import load_state_dict_checked, read_checkpoint
+from backbone import load_state_dict_checked, read_checkpoint, read_checkpoint_and_extras
 
-__all__ = ["load_weights", "num_classes_in_state_dict"]
+__all__ = ["load_weights", "num_classes_in_state_dict", "read_detector_checkpoint"]
+
+
+def read_detector_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """The state dict of a detector file and the file's other top-level entries.
+
+    A torchvision detector file is a plain state dict (no extras); a training checkpoint of ours
+    holds it under ``"model"``, next to ``config``, ``categories``, ``iteration``...
+    """
+    return read_checkpoint_and_extras(path)
 
 
 def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike[str] | Mapping[str, Tensor]) -> nn.Module:
