@@ -1,0 +1,62 @@
+"""Experiment configuration: the typed schema, the strict YAML loader and the renderers.
+
+* :mod:`.schema` (and :mod:`.head` for ``model.head``): frozen dataclasses whose defaults are the
+  defaults, each field documented and range-checked where it is declared;
+* :mod:`.loader`: YAML files with ``base:`` inheritance and ``--set`` overrides, converted strictly by
+  :mod:`.convert`, with the file each value came from;
+* :mod:`.render`: plain dicts, YAML dumps (optionally annotated with origins), diffs, the reference.
+
+Example::
+
+    cfg = load_config("configs/mask_rcnn_r50_fpn_1x_coco.yaml", ["train.batch_size=4"])
+    cfg.model.backbone.name        # "resnet50"
+    build_detector(cfg.model.arch, cfg.model.backbone, **cfg.model.head.to_kwargs())
+    dump_config(cfg, "output/config.yaml")   # load_config("output/config.yaml") == cfg
+
+Every user error raises :class:`ConfigError` with the file (or ``--set``), the full dotted key, what
+was expected and what was received.
+"""
+
+from .convert import from_dict
+from .errors import ConfigError, ConfigFileNotFoundError, FieldError
+from .head import HeadConfig
+from .loader import load_config, load_config_with_origins, parse_overrides
+from .render import config_reference, config_to_dict, diff_configs, dump_config, format_config
+from .schema import (
+    AmpConfig,
+    DataConfig,
+    DatasetConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    ShapesConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "AmpConfig",
+    "ConfigError",
+    "ConfigFileNotFoundError",
+    "DataConfig",
+    "DatasetConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "FieldError",
+    "HeadConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "ShapesConfig",
+    "TrainConfig",
+    "config_reference",
+    "config_to_dict",
+    "diff_configs",
+    "dump_config",
+    "format_config",
+    "from_dict",
+    "load_config",
+    "load_config_with_origins",
+    "parse_overrides",
+]
