@@ -1,7 +1,8 @@
 """Experiment configuration: the typed schema, the strict YAML loader and the renderers.
 
-* :mod:`.schema` (and :mod:`.head` for ``model.head``): frozen dataclasses whose defaults are the
-  defaults, each field documented and range-checked where it is declared;
+* :mod:`.schema` (with :mod:`.head` for ``model.head`` and :mod:`.data` for ``data``): frozen
+  dataclasses whose defaults are the defaults, each field documented and range-checked where it is
+  declared (:mod:`.fields`);
 * :mod:`.loader`: YAML files with ``base:`` inheritance and ``--set`` overrides, converted strictly by
   :mod:`.convert`, with the file each value came from;
 * :mod:`.render`: plain dicts, YAML dumps (optionally annotated with origins), diffs, the reference.
@@ -18,20 +19,18 @@ was expected and what was received.
 """
 
 from .convert import from_dict
+from .data import DataConfig, DatasetConfig, ShapesConfig
 from .errors import ConfigError, ConfigFileNotFoundError, FieldError
 from .head import HeadConfig
 from .loader import load_config, load_config_with_origins, parse_overrides
 from .render import config_reference, config_to_dict, diff_configs, dump_config, format_config
 from .schema import (
     AmpConfig,
-    DataConfig,
-    DatasetConfig,
     EvalConfig,
     ExperimentConfig,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
-    ShapesConfig,
     TrainConfig,
 )
 

@@ -63,7 +63,11 @@ def _section_sources(cls: type, path: str, ctx: _Context) -> str:
     """Sources that set any non-section field of ``cls`` at ``path``: the inputs of a cross-field rule."""
     found: list[str] = []
     if ctx.origins:
-        own = [join(path, f.name) for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints(cls)[f.name])]
+        own = [
+            join(path, f.name)
+            for f in dataclasses.fields(cls)
+            if not dataclasses.is_dataclass(hints(cls)[f.name])
+        ]
         for key, origin in ctx.origins.items():
             if origin not in found and any(is_under(key, f) for f in own):
                 found.append(origin)
@@ -144,7 +148,9 @@ def _convert_scalar(tp: type, value: Any, path: str, ctx: _Context) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise _mismatch(tp, value, path, ctx, BOOL_HINT if isinstance(value, bool) else "quote it to pass text")
+        raise _mismatch(
+            tp, value, path, ctx, BOOL_HINT if isinstance(value, bool) else "quote it to pass text"
+        )
     if _is_int(value):
         return value if tp is int else float(value)
     if tp is float and isinstance(value, float):

@@ -15,7 +15,19 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .errors import FieldError
 
-__all__ = ["Bound", "Section", "check_bounds", "describe", "doc_of", "hints", "is_under", "join", "option", "parent", "type_name"]
+__all__ = [
+    "Bound",
+    "Section",
+    "check_bounds",
+    "describe",
+    "doc_of",
+    "hints",
+    "is_under",
+    "join",
+    "option",
+    "parent",
+    "type_name",
+]
 
 DOC = "doc"
 BOUND = "bound"
@@ -60,6 +72,8 @@ NON_NEGATIVE = Bound(0)
 POSITIVE = Bound(0, low_open=True)
 #: Probabilities, fractions, IoU and score thresholds.
 UNIT = Bound(0, 1)
+#: Fractions and factors that must not be zero.
+POSITIVE_FRACTION = Bound(0, 1, low_open=True)
 
 
 def option(

@@ -23,7 +23,14 @@ from .errors import ConfigError, ConfigFileNotFoundError
 from .fields import is_under, join, type_name
 from .schema import ExperimentConfig
 
-__all__ = ["BASE_KEY", "DEFAULT_SOURCE", "OVERRIDE_SOURCE", "load_config", "load_config_with_origins", "parse_overrides"]
+__all__ = [
+    "BASE_KEY",
+    "DEFAULT_SOURCE",
+    "OVERRIDE_SOURCE",
+    "load_config",
+    "load_config_with_origins",
+    "parse_overrides",
+]
 
 _T = TypeVar("_T")
 

@@ -12,7 +12,7 @@ import yaml
 
 from ..io import atomic_write_text
 from .fields import BOUND, describe, doc_of, hints, join
-from .head import NEEDS
+from .head import NEEDS, HeadConfig
 from .loader import BASE_KEY, DEFAULT_SOURCE
 from .schema import ExperimentConfig
 
@@ -22,13 +22,17 @@ _MISSING = object()
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain, YAML-dumpable data (nested dicts; tuples become lists)."""
+    """The config as plain, YAML-dumpable data (nested dicts; tuples become lists; ``model.head`` only what is set)."""
     if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
         raise TypeError(f"config_to_dict expects a config dataclass instance, got {type(cfg).__name__}")
     return _to_plain(cfg)
 
 
 def _to_plain(value: Any) -> Any:
+    if isinstance(value, HeadConfig):
+        # model.head lists only the options that are set (null keeps torchvision's default), so resolved
+        # configs and checkpoints keep the format they always had ({} or the few options used).
+        return _to_plain(value.to_kwargs())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
@@ -45,7 +49,9 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
 
 def _flow(value: Any) -> str:
     """One-line YAML for a value (``resnet18``, ``null``, ``[32, 64]``, ``{name: horizontal_flip}``)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=2**31 - 1, allow_unicode=True, sort_keys=False)
+    text = yaml.safe_dump(
+        value, default_flow_style=True, width=2**31 - 1, allow_unicode=True, sort_keys=False
+    )
     if text.endswith("\n...\n"):
         text = text[: -len("\n...\n")]
     return text.strip()

@@ -17,29 +17,26 @@ Architecture names and evaluation types come from :mod:`detection.archs`, autoca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from backbone.config import BackboneConfig
 
 from ..archs import ARCHS, IOU_TYPES, arch_spec
 from ..precision import AUTOCAST_DTYPES
-from .errors import ConfigError, FieldError
-from .fields import COUNT, NON_NEGATIVE, POSITIVE, UNIT, Bound, Section, option
+from .data import DataConfig
+from .errors import FieldError
+from .fields import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_FRACTION, UNIT, Bound, Section, option
 from .head import HeadConfig
 
 __all__ = [
     "AmpConfig",
     "ArchName",
-    "DataConfig",
-    "DatasetConfig",
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
-    "ShapesConfig",
     "TrainConfig",
 ]
 
@@ -49,7 +46,6 @@ IouType = Literal[IOU_TYPES]  # type: ignore[valid-type]
 AmpDtype = Literal[AUTOCAST_DTYPES]  # type: ignore[valid-type]
 
 _BELOW_1 = Bound(0, 1, high_open=True)
-_ABOVE_0_TO_1 = Bound(0, 1, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,29 +53,40 @@ class ModelConfig(Section):
     """The detector: torchvision architecture, backbone, input resizing, anchors and head options."""
 
     arch: ArchName = option(
-        "mask_rcnn", doc="torchvision detector to build; the names are the entries of detection.archs.ARCHS.")
+        "mask_rcnn", doc="torchvision detector to build; the names are the entries of detection.archs.ARCHS."
+    )
     num_classes: int | None = option(
-        None, bound=Bound(2),
+        None,
+        bound=Bound(2),
         doc="number of classes including background, as torchvision counts them (COCO: 91 with the original "
-        "ids, 81 with contiguous labels); null uses the dataset's categories + 1.")
+        "ids, 81 with contiguous labels); null uses the dataset's categories + 1.",
+    )
     backbone: BackboneConfig = option(factory=BackboneConfig, doc="the ResNet + FPN backbone.")
     min_size: int | tuple[int, ...] = option(
-        800, bound=COUNT,
+        800,
+        bound=COUNT,
         doc="shorter image side after resizing inside the model, in pixels; a list gives multi-scale "
-        "training (one size drawn per batch, the last one at test time).")
-    max_size: int = option(1333, bound=COUNT, doc="upper bound on the longer image side after resizing, in pixels.")
+        "training (one size drawn per batch, the last one at test time).",
+    )
+    max_size: int = option(
+        1333, bound=COUNT, doc="upper bound on the longer image side after resizing, in pixels."
+    )
     anchor_sizes: tuple[tuple[int, ...], ...] | None = option(
         None,
         doc="anchor sizes in pixels, one list per pyramid level (e.g. [[32], [64], [128], [256], [512]]); "
-        "null derives them from the level strides (the architecture's default).")
+        "null derives them from the level strides (the architecture's default).",
+    )
     aspect_ratios: tuple[float, ...] | None = option(
-        None, bound=POSITIVE,
+        None,
+        bound=POSITIVE,
         doc="anchor height/width ratios, shared by every level; null uses the architecture's default "
-        "([0.5, 1.0, 2.0] for the R-CNNs and RetinaNet, [1.0] for FCOS).")
+        "([0.5, 1.0, 2.0] for the R-CNNs and RetinaNet, [1.0] for FCOS).",
+    )
     head: HeadConfig = option(
         factory=HeadConfig,
         doc="options of torchvision's detector class and of build_detector's heads; null keeps torchvision's "
-        "default, and each applies only to the archs it names.")
+        "default, and each applies only to the archs it names.",
+    )
 
     def validate(self) -> None:
         """Check ranges, the anchors, and that every head option set applies to ``arch``."""
@@ -105,121 +112,6 @@ class ModelConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DatasetConfig(Section):
-    """One split of a COCO-format dataset."""
-
-    ann_file: str | None = option(
-        None, doc="COCO instances JSON file (instances_train2017.json). Set together with img_dir.")
-    img_dir: str | None = option(None, doc="folder holding the images named by the JSON's file_name.")
-    filter_empty: bool = option(
-        True,
-        doc="training split only: drop images without usable annotations (instead of keeping them as "
-        "negatives). Evaluation always keeps every image.")
-    augment: tuple[dict[str, Any], ...] = option(
-        (),
-        doc="training augmentations, applied in order; each item is {name: <transform>, <param>: <value>, "
-        "...}, e.g. [{name: horizontal_flip, p: 0.5}]. Names and parameters are checked by detection.data. "
-        "Ignored for evaluation.")
-
-    def validate(self) -> None:
-        """Check that the paths come in pairs and that every augmentation has a name."""
-        super().validate()
-        for name in ("ann_file", "img_dir"):
-            value = getattr(self, name)
-            if not (value is None or (isinstance(value, str) and value.strip() != "")):
-                raise FieldError(name, f"must be a non-empty path or null; got {value!r}")
-        if (self.ann_file is None) != (self.img_dir is None):
-            given, missing = ("ann_file", "img_dir") if self.img_dir is None else ("img_dir", "ann_file")
-            raise FieldError(missing, f"is not set but {given} is; a COCO split needs both ann_file and img_dir")
-        for i, spec in enumerate(self.augment):
-            if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
-                raise FieldError(
-                    f"augment[{i}]",
-                    f"must be a mapping with a 'name', e.g. {{name: horizontal_flip, p: 0.5}}; got {spec!r}",
-                )
-
-
-@dataclass(frozen=True, kw_only=True)
-class ShapesConfig(Section):
-    """The built-in synthetic dataset (coloured shapes with masks), generated on first use."""
-
-    num_train: int = option(500, bound=COUNT, doc="number of training images.")
-    num_val: int = option(100, bound=NON_NEGATIVE, doc="number of validation images (0 disables evaluation).")
-    image_size: int = option(256, bound=Bound(16), doc="side of the square images, in pixels.")
-    min_objects: int = option(1, doc="fewest objects per image, in 0..max_objects.")
-    max_objects: int = option(6, bound=COUNT, doc="most objects per image.")
-    size_range: tuple[float, float] = option(
-        (0.10, 0.45),
-        doc="object size (circle diameter, square / triangle side) as a fraction of the image side, drawn "
-        "uniformly in [low, high], with 0 < low <= high <= 1.")
-    distractors: tuple[int, int] = option(
-        (1, 3), doc="[fewest, most] irregular unannotated blobs painted into each background.")
-    min_visible: float = option(
-        0.3, bound=_ABOVE_0_TO_1,
-        doc="every annotated object keeps at least this fraction of its pixels visible when later objects "
-        "overlap it.")
-    seed: int = option(0, bound=NON_NEGATIVE, doc="generator seed; the same seed gives byte-identical images and annotations.")
-    cache_dir: str = option(
-        "~/.cache/resnet_fpn_det/shapes",
-        doc="folder the generated dataset is written to and reused from (~ is expanded at use time); one "
-        "sub-folder per setting of the fields above.")
-
-    def validate(self) -> None:
-        """Check counts, sizes and the object range."""
-        super().validate()
-        if not 0 <= self.min_objects <= self.max_objects:
-            raise FieldError("min_objects", f"must be in 0..max_objects ({self.max_objects}); got {self.min_objects}")
-        if not 0 < self.size_range[0] <= self.size_range[1] <= 1:
-            raise FieldError(
-                "size_range", f"must be [low, high] with 0 < low <= high <= 1; got {list(self.size_range)}"
-            )
-        if not 0 <= self.distractors[0] <= self.distractors[1]:
-            raise FieldError(
-                "distractors", f"must be [fewest, most] with 0 <= fewest <= most; got {list(self.distractors)}"
-            )
-        if self.cache_dir.strip() == "":
-            raise FieldError("cache_dir", "must be a non-empty path")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DataConfig(Section):
-    """Where the images come from and how they are loaded."""
-
-    source: Literal["coco", "shapes"] = option(
-        "coco",
-        doc="coco reads train / val (COCO-format files); shapes uses the built-in synthetic dataset "
-        "configured by shapes and ignores the train / val paths.")
-    train: DatasetConfig = option(
-        factory=DatasetConfig,
-        doc="the training split. Needed for training with source: coco (checked when a run starts).")
-    val: DatasetConfig = option(
-        factory=DatasetConfig, doc="the validation split. Optional: a run without it skips evaluation.")
-    shapes: ShapesConfig = option(factory=ShapesConfig, doc="the synthetic dataset, used when source is shapes.")
-    num_workers: int = option(
-        2, bound=NON_NEGATIVE,
-        doc="DataLoader worker processes per training process (0 loads in the main process).")
-    aspect_ratio_grouping: bool = option(
-        True,
-        doc="batch images of similar aspect ratio together (less padding), as torchvision's references do.")
-    on_bad_image: Literal["error", "skip"] = option(
-        "error",
-        doc="what a missing or unreadable image does: error stops with the file name, skip skips it with "
-        "a warning.")
-
-    def validate_for_training(self) -> None:
-        """Raise :class:`ConfigError` unless a training split is configured.
-
-        Kept out of :meth:`validate` so that a defaults-only config (and evaluation-only configs)
-        stay valid; the trainer calls it before building the data pipeline.
-        """
-        if self.source == "coco" and self.train.ann_file is None:
-            raise ConfigError(
-                "data.source is 'coco' but data.train.ann_file and data.train.img_dir are not set; set both "
-                "(e.g. in a base file such as configs/base/coco_instances.yaml) or use data.source: shapes"
-            )
-
-
-@dataclass(frozen=True, kw_only=True)
 class AmpConfig(Section):
     """Automatic mixed precision (torch.autocast; a GradScaler only for float16)."""
 
@@ -227,9 +119,11 @@ class AmpConfig(Section):
         False,
         doc="run the forward pass under autocast: true, false, or auto: on CUDA, and on CPUs with native "
         "bfloat16 kernels (AVX512-BF16 or AMX); float32 elsewhere, where reduced-precision convolutions "
-        "fall back to slow reference kernels.")
+        "fall back to slow reference kernels.",
+    )
     dtype: AmpDtype = option(
-        "bfloat16", doc="autocast dtype: bfloat16 (no loss scaling needed) or float16 (uses a GradScaler).")
+        "bfloat16", doc="autocast dtype: bfloat16 (no loss scaling needed) or float16 (uses a GradScaler)."
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,23 +132,28 @@ class OptimizerConfig(Section):
 
     name: Literal["sgd", "adamw"] = option("sgd", doc="sgd (with momentum) or adamw.")
     lr: float = option(
-        0.02, bound=POSITIVE,
-        doc="base learning rate (before warm-up, schedule and optional batch scaling).")
+        0.02, bound=POSITIVE, doc="base learning rate (before warm-up, schedule and optional batch scaling)."
+    )
     momentum: float = option(0.9, bound=_BELOW_1, doc="SGD momentum; unused by AdamW.")
     weight_decay: float = option(1e-4, bound=NON_NEGATIVE, doc="L2 weight decay (decoupled for AdamW).")
     no_decay_norm_and_bias: bool = option(
-        False, doc="apply no weight decay to normalisation parameters and biases.")
+        False, doc="apply no weight decay to normalisation parameters and biases."
+    )
     betas: tuple[float, float] = option(
-        (0.9, 0.999), bound=_BELOW_1, doc="AdamW's two moment coefficients; unused by SGD.")
+        (0.9, 0.999), bound=_BELOW_1, doc="AdamW's two moment coefficients; unused by SGD."
+    )
     scale_lr_by_world_size: bool = option(
-        False, doc="linear scaling rule: use lr * batch_size * world_size / base_batch_size.")
+        False, doc="linear scaling rule: use lr * batch_size * world_size / base_batch_size."
+    )
     base_batch_size: int = option(
-        16, bound=COUNT, doc="total batch size that lr was tuned for (used only when scaling).")
+        16, bound=COUNT, doc="total batch size that lr was tuned for (used only when scaling)."
+    )
     fused: bool = option(
         True,
         doc="AdamW only: update all parameters in one fused kernel (torch.optim.AdamW(fused=True)) where "
         "the parameters' device supports it (on CPU, torch's default is a slower per-tensor loop); the "
-        "fused update computes the same rule (values differ by float rounding).")
+        "fused update computes the same rule (values differ by float rounding).",
+    )
 
     def scaled_lr(self, batch_size: int, world_size: int) -> float:
         """The learning rate actually used for ``batch_size`` images per process on ``world_size`` processes."""
@@ -269,16 +168,20 @@ class ScheduleConfig(Section):
 
     name: Literal["multistep", "cosine", "constant"] = option(
         "multistep",
-        doc="multistep (multiply by gamma at each milestone), cosine (decay to min_lr_factor * lr) or constant.")
+        doc="multistep (multiply by gamma at each milestone), cosine (decay to min_lr_factor * lr) or constant.",
+    )
     unit: Literal["iter", "epoch"] = option("iter", doc="unit of milestones and of the cosine period.")
     milestones: tuple[int, ...] = option(
-        (), doc="positive, strictly increasing steps (in unit) where multistep decays the rate.")
-    gamma: float = option(0.1, bound=_ABOVE_0_TO_1, doc="decay factor of multistep.")
+        (), doc="positive, strictly increasing steps (in unit) where multistep decays the rate."
+    )
+    gamma: float = option(0.1, bound=POSITIVE_FRACTION, doc="decay factor of multistep.")
     min_lr_factor: float = option(0.0, bound=UNIT, doc="final learning rate of cosine as a fraction of lr.")
     warmup_iters: int = option(
-        1000, bound=NON_NEGATIVE, doc="length of the linear warm-up, always in iterations (0 disables it).")
+        1000, bound=NON_NEGATIVE, doc="length of the linear warm-up, always in iterations (0 disables it)."
+    )
     warmup_factor: float = option(
-        0.001, bound=_ABOVE_0_TO_1, doc="learning-rate fraction at the first warm-up iteration.")
+        0.001, bound=POSITIVE_FRACTION, doc="learning-rate fraction at the first warm-up iteration."
+    )
 
     def validate(self) -> None:
         """Check ranges and the milestone order."""
@@ -293,38 +196,55 @@ class TrainConfig(Section):
     """The training loop."""
 
     max_iters: int | None = option(
-        90000, bound=COUNT,
+        90000,
+        bound=COUNT,
         doc="training length in iterations. Exactly one of max_iters and epochs is set; set max_iters: null "
-        "when using epochs.")
-    epochs: int | None = option(None, bound=COUNT, doc="training length in epochs (alternative to max_iters).")
+        "when using epochs.",
+    )
+    epochs: int | None = option(
+        None, bound=COUNT, doc="training length in epochs (alternative to max_iters)."
+    )
     batch_size: int = option(2, bound=COUNT, doc="images per process and iteration.")
     optimizer: OptimizerConfig = option(factory=OptimizerConfig, doc="the optimizer.")
     schedule: ScheduleConfig = option(factory=ScheduleConfig, doc="the learning-rate schedule.")
     clip_grad_norm: float | None = option(
-        None, bound=POSITIVE, doc="clip the global gradient norm to this value (after unscaling); null disables it.")
+        None,
+        bound=POSITIVE,
+        doc="clip the global gradient norm to this value (after unscaling); null disables it.",
+    )
     accumulate_grad_steps: int = option(
-        1, bound=COUNT, doc="iterations whose gradients are summed before each optimizer step.")
+        1, bound=COUNT, doc="iterations whose gradients are summed before each optimizer step."
+    )
     amp: AmpConfig = option(factory=AmpConfig, doc="mixed precision for training.")
     max_bad_steps: int = option(
-        5, bound=COUNT,
-        doc="consecutive steps with a non-finite loss that are skipped before training stops with an error.")
+        5,
+        bound=COUNT,
+        doc="consecutive steps with a non-finite loss that are skipped before training stops with an error.",
+    )
     checkpoint_period: int = option(
-        5000, bound=NON_NEGATIVE, doc="save a checkpoint every this many iterations; 0 saves only at the end.")
+        5000, bound=NON_NEGATIVE, doc="save a checkpoint every this many iterations; 0 saves only at the end."
+    )
     keep_last: int = option(
-        3, bound=COUNT, doc="number of numbered checkpoints kept (the last one is always kept).")
+        3, bound=COUNT, doc="number of numbered checkpoints kept (the last one is always kept)."
+    )
     eval_period: int = option(
-        0, bound=NON_NEGATIVE, doc="evaluate every this many iterations; 0 evaluates only at the end.")
+        0, bound=NON_NEGATIVE, doc="evaluate every this many iterations; 0 evaluates only at the end."
+    )
     log_period: int = option(20, bound=COUNT, doc="log losses and learning rate every this many iterations.")
     seed: int = option(
-        42, bound=NON_NEGATIVE, doc="base random seed (each data worker and process derives its own from it).")
+        42, bound=NON_NEGATIVE, doc="base random seed (each data worker and process derives its own from it)."
+    )
     deterministic: bool = option(
-        False, doc="request deterministic algorithms (torch.use_deterministic_algorithms); slower.")
+        False, doc="request deterministic algorithms (torch.use_deterministic_algorithms); slower."
+    )
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="auto (CUDA when available), cpu or cuda.")
     sync_bn: bool = option(False, doc="convert BatchNorm layers to SyncBatchNorm in distributed runs.")
     channels_last: bool = option(
-        False, doc="use the channels-last memory format (faster convolutions with AMP on recent GPUs).")
+        False, doc="use the channels-last memory format (faster convolutions with AMP on recent GPUs)."
+    )
     num_threads: int | None = option(
-        None, bound=COUNT, doc="torch.set_num_threads value for CPU runs; null keeps torch's default.")
+        None, bound=COUNT, doc="torch.set_num_threads value for CPU runs; null keeps torch's default."
+    )
 
     def validate(self) -> None:
         """Check ranges and that exactly one training length is given."""
@@ -344,25 +264,34 @@ class EvalConfig(Section):
     """COCO evaluation."""
 
     amp: AmpConfig = option(
-        factory=AmpConfig, doc="mixed precision for evaluation; off by default so that boxes are decoded in float32.")
+        factory=AmpConfig,
+        doc="mixed precision for evaluation; off by default so that boxes are decoded in float32.",
+    )
     batch_size: int = option(1, bound=COUNT, doc="images per evaluation batch.")
     backend: Literal["pycocotools", "faster_coco_eval"] = option(
-        "pycocotools", doc="COCO evaluator: pycocotools or faster_coco_eval (same metrics, faster).")
+        "pycocotools", doc="COCO evaluator: pycocotools or faster_coco_eval (same metrics, faster)."
+    )
     iou_types: tuple[IouType, ...] | None = option(
         None,
         doc="evaluation types, without repeats; null follows the architecture (bbox, + segm for Mask R-CNN, "
-        "+ keypoints for Keypoint R-CNN).")
+        "+ keypoints for Keypoint R-CNN).",
+    )
     score_threshold: float = option(
-        0.0, bound=UNIT, doc="detections scoring below this are dropped before evaluation and visualisation.")
+        0.0, bound=UNIT, doc="detections scoring below this are dropped before evaluation and visualisation."
+    )
     num_vis_images: int = option(
-        8, bound=NON_NEGATIVE, doc="number of validation images drawn into predictions.png (0 disables it).")
+        8, bound=NON_NEGATIVE, doc="number of validation images drawn into predictions.png (0 disables it)."
+    )
     max_images: int | None = option(
-        None, bound=COUNT, doc="evaluate only the first N validation images (smoke runs); null uses all.")
+        None, bound=COUNT, doc="evaluate only the first N validation images (smoke runs); null uses all."
+    )
 
     def validate(self) -> None:
         """Check ranges and that no IoU type repeats."""
         super().validate()
-        if self.iou_types is not None and (not self.iou_types or len(set(self.iou_types)) != len(self.iou_types)):
+        if self.iou_types is not None and (
+            not self.iou_types or len(set(self.iou_types)) != len(self.iou_types)
+        ):
             raise FieldError(
                 "iou_types", f"must be a non-empty list without repeats, or null; got {list(self.iou_types)}"
             )
@@ -383,7 +312,8 @@ class ExperimentConfig(Section):
     output_dir: str = option(
         "output",
         doc="folder for checkpoints, logs, metrics and the resolved config (tools/train_det.py --output-dir "
-        "overrides it).")
+        "overrides it).",
+    )
 
     def validate(self) -> None:
         """Check the rules that span sections (evaluation types against the architecture)."""

@@ -303,7 +303,10 @@ def test_non_string_key_gets_the_boolean_hint(tmp_path):
         ("model: {min_size: [640, big]}", "model.min_size[1]: expected int, got 'big' (str)"),
         ("model: {min_size: {a: 1}}", "model.min_size: expected int or list of int, got {'a': 1} (mapping)"),
         ("model: {anchor_sizes: [32, 64]}", "model.anchor_sizes[0]: expected list of int, got 32 (int)"),
-        ("model: {head: [1, 2]}", "model.head: expected mapping (HeadConfig), got [1, 2] (list); valid keys: "),
+        (
+            "model: {head: [1, 2]}",
+            "model.head: expected mapping (HeadConfig), got [1, 2] (list); valid keys: ",
+        ),
         (
             "model: {backbone: resnet18}",
             "model.backbone: expected mapping (BackboneConfig), got 'resnet18' (str)",
@@ -566,6 +569,14 @@ def test_dump_then_load_round_trips(tmp_path):
     assert plain["model"]["min_size"] == [640, 800]
     assert plain["model"]["anchor_sizes"] == [[32], [64], [128]]
     assert plain["model"]["backbone"]["weights"] == "on"
+    # model.head holds only the options that are set, as resolved configs and checkpoints always had it
+    assert plain["model"]["head"] == {
+        "rpn_pre_nms_top_n_test": 500,
+        "box_score_thresh": 0.05,
+        "bbox_reg_weights": [10.0, 10.0, 5.0, 5.0],
+        "box_head_convs": [64, 64],
+    }
+    assert config_to_dict(ExperimentConfig())["model"]["head"] == {}
     assert (
         yaml.safe_load(out.read_text()) == plain
     )  # plain data only: safe_dump would fail on tuples otherwise

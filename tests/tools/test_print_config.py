@@ -22,13 +22,15 @@ def write(folder: Path, name: str, text: str) -> Path:
 def test_print_config_prints_the_resolved_config(load_tool, tmp_path, capsys):
     tool = load_tool("print_config")
     path = write(tmp_path, "exp.yaml", "model: {arch: faster_rcnn}\n")
-    assert tool.main(["--config", str(path), "--set", "train.batch_size=5", "model.backbone.name=resnet18"]) == 0
+    assert (
+        tool.main(["--config", str(path), "--set", "train.batch_size=5", "model.backbone.name=resnet18"]) == 0
+    )
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["arch"] == "faster_rcnn"
     assert resolved["train"]["batch_size"] == 5
     assert resolved["model"]["backbone"]["name"] == "resnet18"
     assert resolved["train"]["optimizer"]["lr"] == 0.02
-    assert resolved["model"]["head"]["box_score_thresh"] is None
+    assert resolved["model"]["head"] == {}
 
     assert tool.main(["--config", str(path), "--show-origin"]) == 0
     assert f"arch: faster_rcnn  # {path}" in capsys.readouterr().out

@@ -1,0 +1,157 @@
+"""The data sections of the schema: ``data`` (:class:`DataConfig`), its splits and the synthetic dataset.
+
+:class:`ShapesConfig` holds the built-in dataset's defaults; its generator and ``tools/make_shapes.py``
+read them from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import ConfigError, FieldError
+from .fields import COUNT, NON_NEGATIVE, POSITIVE_FRACTION, Bound, Section, option
+
+__all__ = ["DataConfig", "DatasetConfig", "ShapesConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig(Section):
+    """One split of a COCO-format dataset."""
+
+    ann_file: str | None = option(
+        None, doc="COCO instances JSON file (instances_train2017.json). Set together with img_dir."
+    )
+    img_dir: str | None = option(None, doc="folder holding the images named by the JSON's file_name.")
+    filter_empty: bool = option(
+        True,
+        doc="training split only: drop images without usable annotations (instead of keeping them as "
+        "negatives). Evaluation always keeps every image.",
+    )
+    augment: tuple[dict[str, Any], ...] = option(
+        (),
+        doc="training augmentations, applied in order; each item is {name: <transform>, <param>: <value>, "
+        "...}, e.g. [{name: horizontal_flip, p: 0.5}]. Names and parameters are checked by detection.data. "
+        "Ignored for evaluation.",
+    )
+
+    def validate(self) -> None:
+        """Check that the paths come in pairs and that every augmentation has a name."""
+        super().validate()
+        for name in ("ann_file", "img_dir"):
+            value = getattr(self, name)
+            if not (value is None or (isinstance(value, str) and value.strip() != "")):
+                raise FieldError(name, f"must be a non-empty path or null; got {value!r}")
+        if (self.ann_file is None) != (self.img_dir is None):
+            given, missing = ("ann_file", "img_dir") if self.img_dir is None else ("img_dir", "ann_file")
+            raise FieldError(
+                missing, f"is not set but {given} is; a COCO split needs both ann_file and img_dir"
+            )
+        for i, spec in enumerate(self.augment):
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+                raise FieldError(
+                    f"augment[{i}]",
+                    f"must be a mapping with a 'name', e.g. {{name: horizontal_flip, p: 0.5}}; got {spec!r}",
+                )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapesConfig(Section):
+    """The built-in synthetic dataset (coloured shapes with masks), generated on first use."""
+
+    num_train: int = option(500, bound=COUNT, doc="number of training images.")
+    num_val: int = option(100, bound=NON_NEGATIVE, doc="number of validation images (0 disables evaluation).")
+    image_size: int = option(256, bound=Bound(16), doc="side of the square images, in pixels.")
+    min_objects: int = option(1, doc="fewest objects per image, in 0..max_objects.")
+    max_objects: int = option(6, bound=COUNT, doc="most objects per image.")
+    size_range: tuple[float, float] = option(
+        (0.10, 0.45),
+        doc="object size (circle diameter, square / triangle side) as a fraction of the image side, drawn "
+        "uniformly in [low, high], with 0 < low <= high <= 1.",
+    )
+    distractors: tuple[int, int] = option(
+        (1, 3), doc="[fewest, most] irregular unannotated blobs painted into each background."
+    )
+    min_visible: float = option(
+        0.3,
+        bound=POSITIVE_FRACTION,
+        doc="every annotated object keeps at least this fraction of its pixels visible when later objects "
+        "overlap it.",
+    )
+    seed: int = option(
+        0,
+        bound=NON_NEGATIVE,
+        doc="generator seed; the same seed gives byte-identical images and annotations.",
+    )
+    cache_dir: str = option(
+        "~/.cache/resnet_fpn_det/shapes",
+        doc="folder the generated dataset is written to and reused from (~ is expanded at use time); one "
+        "sub-folder per setting of the fields above.",
+    )
+
+    def validate(self) -> None:
+        """Check counts, sizes and the object range."""
+        super().validate()
+        if not 0 <= self.min_objects <= self.max_objects:
+            raise FieldError(
+                "min_objects", f"must be in 0..max_objects ({self.max_objects}); got {self.min_objects}"
+            )
+        if not 0 < self.size_range[0] <= self.size_range[1] <= 1:
+            raise FieldError(
+                "size_range", f"must be [low, high] with 0 < low <= high <= 1; got {list(self.size_range)}"
+            )
+        if not 0 <= self.distractors[0] <= self.distractors[1]:
+            raise FieldError(
+                "distractors",
+                f"must be [fewest, most] with 0 <= fewest <= most; got {list(self.distractors)}",
+            )
+        if self.cache_dir.strip() == "":
+            raise FieldError("cache_dir", "must be a non-empty path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(Section):
+    """Where the images come from and how they are loaded."""
+
+    source: Literal["coco", "shapes"] = option(
+        "coco",
+        doc="coco reads train / val (COCO-format files); shapes uses the built-in synthetic dataset "
+        "configured by shapes and ignores the train / val paths.",
+    )
+    train: DatasetConfig = option(
+        factory=DatasetConfig,
+        doc="the training split. Needed for training with source: coco (checked when a run starts).",
+    )
+    val: DatasetConfig = option(
+        factory=DatasetConfig, doc="the validation split. Optional: a run without it skips evaluation."
+    )
+    shapes: ShapesConfig = option(
+        factory=ShapesConfig, doc="the synthetic dataset, used when source is shapes."
+    )
+    num_workers: int = option(
+        2,
+        bound=NON_NEGATIVE,
+        doc="DataLoader worker processes per training process (0 loads in the main process).",
+    )
+    aspect_ratio_grouping: bool = option(
+        True,
+        doc="batch images of similar aspect ratio together (less padding), as torchvision's references do.",
+    )
+    on_bad_image: Literal["error", "skip"] = option(
+        "error",
+        doc="what a missing or unreadable image does: error stops with the file name, skip skips it with "
+        "a warning.",
+    )
+
+    def validate_for_training(self) -> None:
+        """Raise :class:`ConfigError` unless a training split is configured.
+
+        Kept out of :meth:`validate` so that a defaults-only config (and evaluation-only configs)
+        stay valid; the trainer calls it before building the data pipeline.
+        """
+        if self.source == "coco" and self.train.ann_file is None:
+            raise ConfigError(
+                "data.source is 'coco' but data.train.ann_file and data.train.img_dir are not set; set both "
+                "(e.g. in a base file such as configs/base/coco_instances.yaml) or use data.source: shapes"
+            )
