@@ -5,7 +5,7 @@ Examples::
     python tools/print_config.py --config configs/mask_rcnn_r50_fpn_1x_coco.yaml
     python tools/print_config.py --config X.yaml --set train.batch_size=4 model.backbone.name=resnet18 \
         --show-origin
-    python tools/print_config.py --reference      # every key with its type, default and description
+    python tools/print_config.py --reference      # every key with its type, default, range and description
 
 Exit status: 0 on success, 2 on an invalid config (one ``error: ...`` line on stderr).
 """
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference",
         action="store_true",
-        help="print every config key with its type, default and description, then exit",
+        help="print every config key with its type, default, range and description, then exit",
     )
     return parser
 
