@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detection import loop as loop_mod
 from detection import trainer as trainer_mod
 from detection.checkpoint import Checkpointer, load_checkpoint
 from detection.config import load_config
@@ -141,7 +142,7 @@ def test_non_finite_losses_skip_steps_then_stop_with_context(tmp_path, shapes_ca
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch):
-    real_step = trainer_mod.train_step
+    real_step = loop_mod.train_step
     calls = {"n": 0}
 
     def interrupting_step(*args, **kwargs):
@@ -150,12 +151,12 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "train_step", interrupting_step)
+    monkeypatch.setattr(loop_mod, "train_step", interrupting_step)
     with pytest.raises(TrainingInterrupted) as info:
         train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, log=lambda s: None)
     assert info.value.checkpoint == tmp_path / "model_0000002.pth"
     assert load_checkpoint(info.value.checkpoint)["iteration"] == 2
-    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
     train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, resume=True, log=lambda s: None)
     assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
 
