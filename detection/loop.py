@@ -50,11 +50,11 @@ class TrainState:
     best_metric: float = -math.inf
 
     def state_dict(self) -> dict[str, Any]:
+        position = self.batches.state_dict()
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "sampler": self.batches.state_dict(), "iteration": self.iteration,
-            "epoch": self.batches.state_dict()["epoch"], "best_metric": self.best_metric,
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "sampler": position,
+            "iteration": self.iteration, "epoch": position["epoch"], "best_metric": self.best_metric,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
