@@ -1,9 +1,10 @@
-"""Training checkpoints: atomic writes, the last k kept plus the best, everything needed to resume exactly.
+"""Training checkpoints: written atomically (:mod:`detection.io`), the last k kept plus the best.
 
-A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``::
-
-    {"model", "optimizer", "scheduler", "scaler", "iteration", "epoch", "rng", "config",
-     "categories", "versions", "best_metric", "format"}
+A checkpoint is a plain dict readable with ``torch.load(weights_only=True)``: the union of the
+state dicts of the training's stateful parts (``model``, ``optimizer``, ``scheduler``, ``scaler``,
+``sampler``: the data position ``{"epoch", "start_batch"}``), plus ``iteration``, ``epoch``,
+``best_metric``, ``rng`` (one entry per process), ``config``, ``categories``, ``versions`` and
+``format``. Checkpoints written before ``sampler`` was stored resume from ``iteration``.
 
 Files in the output folder: ``model_0001000.pth`` (numbered, the last ``keep_last`` kept),
 ``model_best.pth`` (highest bbox AP so far), ``model_final.pth`` and ``last_checkpoint`` (a one-line
@@ -16,7 +17,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .io import atomic_torch_save, atomic_write_text
+
 __all__ = [
     "CheckpointError",
     "Checkpointer",
-    "atomic_torch_save",
     "capture_rng_state",
     "library_versions",
     "load_checkpoint",
@@ -80,30 +81,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a training checkpoint with ``torch.load(weights_only=True)``.
 
@@ -145,7 +122,7 @@ class Checkpointer:
         path = self.output_dir / f"{name}.pth"
         atomic_torch_save({**state, "versions": library_versions(), "format": FORMAT_VERSION}, path)
         if update_last:
-            _atomic_write_text(self.output_dir / LAST_POINTER, path.name + "\n")
+            atomic_write_text(self.output_dir / LAST_POINTER, path.name + "\n")
         self._prune()
         return path
 

@@ -12,13 +12,13 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather_object",
+    "any_rank",
     "barrier",
     "cleanup",
     "get_rank",
     "get_world_size",
     "init_from_env",
     "is_distributed",
-    "is_main_process",
     "reduce_mean",
 ]
 
@@ -33,10 +33,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def init_from_env(device_kind: str) -> tuple[int, int, int]:

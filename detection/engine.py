@@ -1,4 +1,4 @@
-"""The training step and the inference loop: AMP, gradient accumulation and clipping, non-finite guard."""
+"""The training step and the inference loop: precision, gradient accumulation and clipping, non-finite guard."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .amp import autocast
-from .config import AmpConfig
+from .precision import PrecisionPolicy
 
-__all__ = ["NonFiniteLossError", "StepResult", "run_inference", "to_device", "train_step"]
+__all__ = ["NonFiniteLossError", "StepResult", "describe_bad_step", "run_inference", "to_device", "train_step"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -31,15 +31,14 @@ def to_device(
     return imgs, [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
 
 
+@dataclass(frozen=True, slots=True)
 class StepResult:
-    """Outcome of one training iteration."""
+    """Outcome of one training iteration: this rank's loss terms, whether they were finite on every
+    rank, and whether the optimizer stepped (the last micro-step of an accumulation)."""
 
-    __slots__ = ("finite", "losses", "stepped")
-
-    def __init__(self, losses: dict[str, float], finite: bool, stepped: bool) -> None:
-        self.losses = losses
-        self.finite = finite
-        self.stepped = stepped
+    losses: dict[str, float]
+    finite: bool
+    stepped: bool
 
 
 def train_step(
@@ -49,25 +48,22 @@ def train_step(
     *,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    amp: AmpConfig,
-    device: torch.device,
+    precision: PrecisionPolicy,
     accumulate_steps: int = 1,
     micro_step: int = 0,
     clip_grad_norm: float | None = None,
     all_ranks_finite: Callable[[bool], bool] = lambda ok: ok,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> StepResult:
-    """Forward, backward and (every ``accumulate_steps`` micro-steps) an optimizer step.
+    """Forward under ``precision``, backward and (every ``accumulate_steps`` micro-steps) an optimizer step.
 
-    The loss is divided by ``accumulate_steps``; gradients are unscaled before clipping; with
-    float16 the ``GradScaler`` skips steps whose gradients overflow. A non-finite loss on any rank
-    skips the backward pass and clears the accumulated gradients on every rank (the caller counts
-    consecutive bad steps).
-
-    Returns:
-        :class:`StepResult` with the loss terms as floats (this rank's values).
+    The loss is divided by ``accumulate_steps``; the backward passes of the other micro-steps run
+    inside ``no_sync()`` (DDP's gradient all-reduce waits for the last one). Gradients are unscaled
+    before clipping; with float16 the ``GradScaler`` skips steps whose gradients overflow. A
+    non-finite loss on any rank skips the backward pass and clears the accumulated gradients on
+    every rank (the caller counts consecutive bad steps and restarts the accumulation).
     """
-    with autocast(device, amp.enabled, amp.dtype):
+    with precision.autocast():
         loss_dict = model(images, targets)
     # Losses are summed in float32 whatever the autocast dtype.
     loss_dict = {k: v.float() for k, v in loss_dict.items()}
@@ -107,16 +103,17 @@ def run_inference(
     model: nn.Module,
     loader: Iterable[Any],
     device: torch.device,
-    amp: AmpConfig,
+    precision: PrecisionPolicy,
     *,
     on_batch: Callable[[list[torch.Tensor], list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]], None],
     max_images: int | None = None,
     total_images: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> int:
-    """Run ``model`` in eval mode over ``loader`` and hand each batch's CPU outputs to ``on_batch``.
+    """Run ``model`` in eval mode under ``precision`` over ``loader`` and hand each batch's CPU outputs to ``on_batch``.
 
-    Outputs are float32 whatever ``amp`` says (the detectors built here decode boxes in float32).
+    Outputs are float32 whatever the precision (``precision.output_dtype``: the detectors built
+    here decode boxes in float32).
 
     Returns:
         The number of images processed.
@@ -132,7 +129,7 @@ def run_inference(
             if max_images is not None and seen >= max_images:
                 break
             dev_images, _ = to_device(images, None, device)
-            with autocast(device, amp.enabled, amp.dtype):
+            with precision.autocast():
                 outputs = model(dev_images)
             outputs = [{k: v.detach().to("cpu") for k, v in out.items()} for out in outputs]
             on_batch(images, targets, outputs)

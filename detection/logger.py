@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["JsonlWriter", "ProgressLogger", "format_duration", "peak_memory_mb"]
+__all__ = ["JsonlWriter", "ProgressLogger", "format_duration", "peak_memory_mb", "read_jsonl"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -65,25 +65,22 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 class ProgressLogger:
-    """Reports training progress every ``period`` iterations.
+    """Reports training progress when the trainer calls :meth:`update`.
 
     On a terminal the line is redrawn in place; otherwise (logs, CI) one line is printed per report.
-    Throughput and ETA are measured over the iterations since the previous report, ignoring the
-    very first iteration (warm-up).
+    Throughput and ETA are measured over the iterations since the previous report.
     """
 
     def __init__(
         self,
         max_iters: int,
         start_iter: int,
-        period: int,
         device: torch.device,
         images_per_iter: int,
         stream: IO[str] | None = None,
         enabled: bool = True,
     ) -> None:
         self.max_iters = max_iters
-        self.period = period
         self.device = device
         self.images_per_iter = images_per_iter
         self.stream = stream or sys.stderr
@@ -93,16 +90,9 @@ class ProgressLogger:
         self._mark_time = time.perf_counter()
         self._start_time = self._mark_time
         self._rate: float | None = None
-        self.last_line = ""
 
-    def throughput(self) -> float | None:
-        """Iterations per second over the last report window."""
-        return self._rate
-
-    def update(self, iteration: int, losses: Mapping[str, float], lr: float, force: bool = False) -> dict[str, Any] | None:
-        """Called after each iteration (1-based ``iteration``); returns the record when one is reported."""
-        if not force and iteration % self.period and iteration != self.max_iters:
-            return None
+    def update(self, iteration: int, losses: Mapping[str, float], lr: float) -> dict[str, Any]:
+        """Report the state after ``iteration`` (1-based); returns the record for ``metrics.jsonl``."""
         now = time.perf_counter()
         done = iteration - self._mark_iter
         if done > 0:
@@ -120,6 +110,8 @@ class ProgressLogger:
             "peak_mem_mb": peak_memory_mb(self.device),
             "elapsed_s": now - self._start_time,
         }
+        if not self.enabled:
+            return record
         width = len(str(self.max_iters))
         terms = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in losses.items())
         pct = 100.0 * iteration / self.max_iters
@@ -127,9 +119,6 @@ class ProgressLogger:
             f"iter {iteration:>{width}}/{self.max_iters} {pct:5.1f}% | eta {format_duration(eta)} | loss {total:.3f} "
             f"({terms}) | lr {lr:.2e} | {record['img_per_s']:.1f} img/s | mem {record['peak_mem_mb']:.0f} MB"
         )
-        self.last_line = line
-        if not self.enabled:
-            return record
         if self.interactive:
             end = "\n" if iteration >= self.max_iters else ""
             self.stream.write("\r\x1b[2K" + line + end)

@@ -69,6 +69,9 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepped once per iteration; its state (the iteration count) goes into checkpoints."""
+    # One LambdaLR instead of torch's LinearLR + MultiStepLR / CosineAnnealingLR: SequentialLR starts the
+    # schedule after the warm-up and ChainedScheduler's recursive cosine drifts, where this is warm-up x
+    # schedule at every iteration; and existing checkpoints hold this scheduler's state.
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, cfg, max_iters, iters_per_epoch)
     )

@@ -18,7 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from detection.archs import IOU_TYPES
 from detection.cli import add_config_arguments, config_from_args, run_main
+from detection.coco_eval import BACKENDS
+from detection.precision import PRECISIONS, short_name
+
+_PRECISION_FLAGS = list(dict.fromkeys(short_name(dtype) for dtype in PRECISIONS.values()))  # fp32, fp16, bf16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", metavar="PATH", help="checkpoint to evaluate (ours or torchvision's format)")
     parser.add_argument("--results", metavar="JSON", help="COCO results file to score (with --ann; no model)")
     parser.add_argument("--ann", metavar="JSON", help="COCO annotation file for --results")
-    parser.add_argument("--iou-types", nargs="+", default=None, choices=("bbox", "segm", "keypoints"),
+    parser.add_argument("--iou-types", nargs="+", default=None, choices=IOU_TYPES,
                         help="evaluation types for --results (default: bbox, plus segm if the results have masks)")
     parser.add_argument("--optimize", action="store_true",
                         help="evaluate through the fast inference path (detection.optimize_for_inference)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    parser.add_argument("--precision", choices=_PRECISION_FLAGS, default="fp32",
                         help="backbone/FPN precision with --optimize (heads, boxes and masks stay float32)")
-    parser.add_argument("--backend", choices=("pycocotools", "faster_coco_eval"), default=None,
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
                         help="COCOeval implementation (default: eval.backend from the config, else pycocotools)")
     return parser
 

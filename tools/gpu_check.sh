@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU evidence in one run (about 6-8 minutes on one H100):
-#   1. the GPU-marked tests (AMP dtypes, float32 boxes, GradScaler, fast inference path);
+#   1. the GPU-marked tests (train_step under fp16 / bf16 PrecisionPolicy, float32 boxes, GradScaler, fast inference path);
 #   2. Mask R-CNN R50-FPN at 800 px, batch 8: train img/s in fp32 / fp16 / bf16, with and without
 #      channels_last, inference img/s and peak memory, each beside torchvision's identical model;
 #   3. 200 AMP training iterations of the smoke recipe on the GPU, to show the loss falls.

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detection import loop as loop_mod
 from detection import trainer as trainer_mod
 from detection.checkpoint import Checkpointer, load_checkpoint
 from detection.config import load_config
@@ -59,9 +60,13 @@ def test_a_run_writes_every_output(finished_run):
 def test_checkpoint_holds_everything_needed_to_resume(finished_run):
     out, _ = finished_run
     ckpt = load_checkpoint(out / "model_final.pth")
-    for key in ("model", "optimizer", "scheduler", "scaler", "iteration", "epoch", "rng", "config", "categories", "versions"):
+    for key in ("model", "optimizer", "scheduler", "scaler", "sampler", "iteration", "epoch", "rng", "config", "categories",
+                "versions", "best_metric"):
         assert key in ckpt, key
     assert ckpt["iteration"] == 4
+    # 8 images in batches of 2: 4 batches per epoch, so after 4 iterations the next batch is epoch 1's first.
+    assert ckpt["sampler"] == {"epoch": 1, "start_batch": 0} and ckpt["epoch"] == 1
+    assert load_checkpoint(out / "model_0000002.pth")["sampler"] == {"epoch": 0, "start_batch": 2}
     assert ckpt["categories"]["categories"][0]["name"] == "circle" or "circle" in json.dumps(ckpt["categories"])
     assert ckpt["config"]["model"]["backbone"]["name"] == "resnet18"
     assert set(ckpt["versions"]) >= {"torch", "torchvision"}
@@ -80,6 +85,33 @@ def test_resume_continues_exactly(finished_run, tmp_path, shapes_cache):
     assert sorted(after) == [3, 4]
     for it in (3, 4):
         assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
+
+
+def test_a_checkpoint_without_the_data_position_resumes_exactly_from_its_iteration(finished_run, tmp_path, shapes_cache):
+    out, _ = finished_run
+    reference = train_losses(out)
+    ckpt = load_checkpoint(out / "model_0000002.pth")
+    del ckpt["sampler"]  # checkpoints written before the data position was stored
+    torch.save(ckpt, tmp_path / "model_0000002.pth")
+    train(smoke_cfg(shapes_cache), output_dir=tmp_path, resume=True, log=lambda s: None)
+    after = train_losses(tmp_path)
+    assert sorted(after) == [3, 4]
+    for it in (3, 4):
+        assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
+
+
+def test_process_settings_change_only_when_the_config_asks(finished_run, tmp_path, shapes_cache):
+    assert not torch.are_deterministic_algorithms_enabled()  # the default run left them alone
+    threads = torch.get_num_threads()
+    logged = []
+    cfg = smoke_cfg(shapes_cache, f"train.num_threads={threads}", "train.max_iters=1", "train.checkpoint_period=0",
+                    "data.shapes.num_val=0")
+    try:
+        train(cfg, output_dir=tmp_path, log=logged.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"torch.set_num_threads({threads}) (train.num_threads)" in logged
+    assert not any("deterministic" in line for line in logged)
 
 
 def test_resume_with_a_different_model_is_refused(finished_run, tmp_path, shapes_cache):
@@ -141,7 +173,7 @@ def test_non_finite_losses_skip_steps_then_stop_with_context(tmp_path, shapes_ca
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch):
-    real_step = trainer_mod.train_step
+    real_step = loop_mod.train_step
     calls = {"n": 0}
 
     def interrupting_step(*args, **kwargs):
@@ -150,12 +182,12 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "train_step", interrupting_step)
+    monkeypatch.setattr(loop_mod, "train_step", interrupting_step)
     with pytest.raises(TrainingInterrupted) as info:
         train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, log=lambda s: None)
     assert info.value.checkpoint == tmp_path / "model_0000002.pth"
     assert load_checkpoint(info.value.checkpoint)["iteration"] == 2
-    monkeypatch.setattr(trainer_mod, "train_step", real_step)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
     train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, resume=True, log=lambda s: None)
     assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
 

@@ -1,4 +1,5 @@
-"""Mixed precision on CUDA: reduced-precision activations, float32 boxes, GradScaler steps, scaler state.
+"""Mixed precision on CUDA through the project's own step: reduced-precision activations, float32 boxes,
+GradScaler steps and state, the fast inference path.
 
 Marked ``gpu``: skipped where CUDA is absent (CI). Run them with ``tools/gpu_check.sh`` or
 ``python -m pytest -m gpu tests/gpu``.
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from detection import build_detector
-from detection.amp import autocast, make_grad_scaler
+from detection.engine import run_inference, train_step
 from detection.inference import optimize_for_inference
+from detection.precision import PrecisionPolicy
 
 pytestmark = pytest.mark.gpu
 
@@ -34,60 +36,69 @@ def batch(n: int = 2, size: int = 256) -> tuple[list[torch.Tensor], list[dict[st
     return images, targets
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_backbone_runs_in_reduced_precision_and_boxes_stay_float32(dtype):
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_train_step_runs_the_backbone_in_reduced_precision_and_boxes_stay_float32(dtype):
+    policy = PrecisionPolicy.resolve(True, dtype, DEVICE)
     model = tiny_detector()
     seen = {}
-    model.backbone.body.layer2.register_forward_hook(lambda m, i, o: seen.setdefault("c3", o.dtype))
-    model.backbone.fpn.register_forward_hook(lambda m, i, o: seen.setdefault("p2", o["p2"].dtype))
+
+    def record(key, dtype_of):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            seen.setdefault(key, dtype_of(output))
+        return hook
+
+    model.backbone.body.layer2.register_forward_hook(record("c3", lambda o: o.dtype))
+    model.backbone.fpn.register_forward_hook(record("p2", lambda o: o["p2"].dtype))
     images, targets = batch()
     model.train()
-    with autocast(DEVICE, True, dtype):
-        losses = model(images, targets)
-    assert seen == {"c3": dtype, "p2": dtype}
-    assert all(torch.isfinite(v) for v in losses.values())
-    model.eval()
-    with torch.no_grad(), autocast(DEVICE, True, dtype):
-        out = model(images)[0]
-    assert out["boxes"].dtype == torch.float32
+    opt = sgd(model)
+    result = train_step(model, images, targets, optimizer=opt, scaler=policy.grad_scaler(), precision=policy)
+    assert seen == {"c3": policy.dtype, "p2": policy.dtype}
+    assert result.finite and result.stepped
+    outputs = []
+    run_inference(model, [(images, targets, [])], DEVICE, policy, on_batch=lambda i, t, o: outputs.extend(o))
+    out = outputs[0]
+    assert out["boxes"].dtype == policy.output_dtype == torch.float32
     assert out["scores"].dtype == torch.float32
     assert out["masks"].dtype == torch.float32
 
 
-def test_grad_scaler_step_updates_weights_and_state_reloads(tmp_path):
+def test_fp16_train_steps_update_weights_through_the_scaler_and_its_state_reloads(tmp_path):
+    policy = PrecisionPolicy.resolve(True, "float16", DEVICE)
     model = tiny_detector()
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    scaler = make_grad_scaler(DEVICE, True, "float16")
+    opt = sgd(model)
+    scaler = policy.grad_scaler()
     assert scaler.is_enabled()
     before = model.backbone.fpn.layer_blocks[0][0].weight.detach().clone()
     images, targets = batch()
-    for _ in range(2):
-        with autocast(DEVICE, True, torch.float16):
-            loss = sum(model(images, targets).values())
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
+    results = [
+        train_step(model, images, targets, optimizer=opt, scaler=scaler, precision=policy, clip_grad_norm=10.0)
+        for _ in range(2)
+    ]
+    assert all(r.finite and r.stepped for r in results)
     assert not torch.equal(before, model.backbone.fpn.layer_blocks[0][0].weight)
     torch.save({"scaler": scaler.state_dict()}, tmp_path / "s.pth")
-    fresh = make_grad_scaler(DEVICE, True, "float16")
+    fresh = policy.grad_scaler()
     fresh.load_state_dict(torch.load(tmp_path / "s.pth", weights_only=True)["scaler"])
     assert fresh.get_scale() == scaler.get_scale()
 
 
 def test_bf16_needs_no_scaler():
-    assert not make_grad_scaler(DEVICE, True, "bfloat16").is_enabled()
+    assert not PrecisionPolicy.resolve(True, "bfloat16", DEVICE).grad_scaler().is_enabled()
+    assert PrecisionPolicy.resolve("auto", "bfloat16", DEVICE).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_fast_inference_path_outputs_float32(precision):
     reference = tiny_detector().eval()
-    fast = tiny_detector().eval()
-    fast.load_state_dict(reference.state_dict())
-    optimize_for_inference(fast, precision=precision)
+    model = tiny_detector().eval()
+    model.load_state_dict(reference.state_dict())
+    fast = optimize_for_inference(model, precision=precision)
     images, _ = batch(1)
     with torch.no_grad():
         out = fast(images)[0]

@@ -1,0 +1,215 @@
+"""The training loop: iterations, logging, periodic checkpoints and evaluation, Ctrl-C.
+
+:class:`TrainState` holds the stateful parts of a training (model, optimizer, scheduler, grad
+scaler, data position); its ``state_dict`` is their union, and a checkpoint is that plus the RNG
+states, the config and the categories (:meth:`TrainLoop.snapshot`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from .engine import NonFiniteLossError, describe_bad_step, to_device, train_step
+from .experiment import Run, TrainBatches
+from .logger import JsonlWriter, ProgressLogger
+from .precision import PrecisionPolicy
+
+__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; a checkpoint was saved first (its path is in ``.checkpoint``)."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training and is restored on resume."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    batches: TrainBatches
+    iteration: int = 0
+    best_metric: float = -math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.batches.state_dict()
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "sampler": position,
+            "iteration": self.iteration, "epoch": position["epoch"], "best_metric": self.best_metric,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.best_metric = float(state.get("best_metric", -math.inf))
+        self.batches.load_state_dict(state.get("sampler") or self.batches.position_at(self.iteration))
+
+
+def restore_rng(run: Run, rng: list[dict[str, Any]] | None) -> None:
+    """Restore this rank's RNG states from a checkpoint's ``rng`` list (one entry per process)."""
+    if isinstance(rng, list) and len(rng) == run.world:
+        restore_rng_state(rng[run.rank])
+    elif rng:
+        warnings.warn(f"checkpoint was saved with {len(rng)} process(es), this run has {run.world}; "
+                      "random streams restart from rank 0's state", stacklevel=2)
+        restore_rng_state(rng[0])
+
+
+class TrainLoop:
+    """Runs ``state`` to ``max_iters``: one :meth:`iteration` per batch, then logging, checkpoints, evaluation.
+
+    Args:
+        run: the experiment's process context.
+        state: the stateful parts, already restored when resuming.
+        model: what the step calls (``state.model``, or its ``DistributedDataParallel`` wrapper).
+        precision: autocast policy of the forward pass.
+        max_iters: training length.
+        extras: checkpoint entries that do not change while training (``config``, ``categories``).
+        evaluate: ``evaluate(model, iteration)`` returns the metrics (on rank 0; ``{}`` elsewhere).
+        jsonl: ``metrics.jsonl`` on rank 0, ``None`` elsewhere.
+    """
+
+    def __init__(self, run: Run, state: TrainState, model: nn.Module, precision: PrecisionPolicy, *, max_iters: int,
+                 extras: Mapping[str, Any], evaluate: Callable[[nn.Module, int], dict[str, float]] | None,
+                 jsonl: JsonlWriter | None) -> None:
+        t = run.cfg.train
+        self.run, self.state, self.model, self.precision = run, state, model, precision
+        self.max_iters, self.extras, self.evaluate, self.jsonl = max_iters, dict(extras), evaluate, jsonl
+        self.checkpointer = Checkpointer(run.output_dir, keep_last=t.keep_last)
+        self.progress = ProgressLogger(max_iters, state.iteration, run.device, t.batch_size * run.world, enabled=run.main)
+        self.no_sync = getattr(model, "no_sync", None)
+        self.micro_step = 0  # position in the gradient accumulation
+        self.bad_steps = 0  # consecutive non-finite steps
+        self.window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self) -> float:
+        """Train to ``max_iters``; returns the seconds it took. Ctrl-C saves a checkpoint and raises
+        :class:`TrainingInterrupted`."""
+        t_start = time.perf_counter()
+        try:
+            while self.state.iteration < self.max_iters:
+                self.train_epoch()
+        except KeyboardInterrupt:
+            raise self.interrupted() from None
+        return time.perf_counter() - t_start
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (or up to ``max_iters``); reports unreadable images skipped in it."""
+        epoch, skipped = self.state.batches.epoch, 0
+        for images, targets, bad in self.state.batches.epoch_batches():
+            skipped += len(bad)
+            self.iteration(images, targets)
+            self.after_iteration()
+            if self.state.iteration >= self.max_iters:
+                break
+        total = int(sum(dist.all_gather_object(skipped)))
+        if total:
+            self.progress.newline()
+            self.run.log(f"epoch {epoch}: skipped {total} unreadable image(s) in total (data.on_bad_image: skip)")
+
+    def iteration(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> None:
+        """One training step on a batch (none when every image of it was unreadable), then the lr schedule."""
+        t, s = self.run.cfg.train, self.state
+        if images:
+            imgs, tgts = to_device(images, targets, self.run.device)
+            result = train_step(
+                self.model, imgs, tgts, optimizer=s.optimizer, scaler=s.scaler, precision=self.precision,
+                accumulate_steps=t.accumulate_grad_steps, micro_step=self.micro_step, clip_grad_norm=t.clip_grad_norm,
+                all_ranks_finite=lambda ok: not dist.any_rank(not ok, self.run.device), no_sync=self.no_sync,
+            )
+            self.micro_step = (self.micro_step + 1) % t.accumulate_grad_steps
+            if result.finite:
+                self.bad_steps = 0
+                for k, v in result.losses.items():
+                    self.window.setdefault(k, []).append(v)
+            else:
+                self.non_finite(result.losses, [int(x["image_id"]) for x in targets])
+        s.iteration += 1
+        with warnings.catch_warnings():
+            # The schedule follows iterations, also when a skipped (non-finite) step made no update.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            s.scheduler.step()
+
+    def non_finite(self, losses: Mapping[str, float], image_ids: list[int]) -> None:
+        """A skipped step: warn, or stop after ``train.max_bad_steps`` in a row."""
+        limit = self.run.cfg.train.max_bad_steps
+        self.bad_steps += 1
+        self.micro_step = 0
+        message = describe_bad_step(self.state.iteration + 1, losses, image_ids, self.bad_steps, limit)
+        if self.bad_steps >= limit:
+            raise NonFiniteLossError(message + "; stopping. Lower train.optimizer.lr, enable "
+                                     "train.clip_grad_norm, or check these images' annotations.")
+        self.progress.newline()
+        self.run.log("warning: skipped step, " + message)
+
+    def after_iteration(self) -> None:
+        t, it = self.run.cfg.train, self.state.iteration
+        if it % t.log_period == 0 or it == self.max_iters:
+            self.report()
+        if it < self.max_iters and t.checkpoint_period and it % t.checkpoint_period == 0:
+            snapshot = self.snapshot()
+            if self.run.main:
+                self.checkpointer.save_numbered(it, snapshot)
+        if it < self.max_iters and t.eval_period and it % t.eval_period == 0 and self.evaluate is not None:
+            self.periodic_evaluation()
+
+    def report(self) -> None:
+        """Log the losses averaged over the ranks and the iterations since the last report."""
+        losses = dist.reduce_mean({k: torch.tensor(sum(v) / len(v)) for k, v in self.window.items()})
+        self.window = {}
+        record = self.progress.update(self.state.iteration, losses, self.state.optimizer.param_groups[0]["lr"])
+        if self.jsonl is not None:
+            self.jsonl.write({"type": "train", "epoch": self.state.batches.epoch, **record})
+
+    def periodic_evaluation(self) -> None:
+        """Evaluate; a new best bbox AP is saved as ``model_best.pth``."""
+        self.progress.newline()
+        it = self.state.iteration
+        metrics = self.evaluate(self.model, it)
+        if self.jsonl is not None:
+            self.jsonl.write({"type": "eval", "iteration": it, **metrics})
+        score = dist.all_gather_object(metrics.get("bbox/AP", -math.inf))[0]  # rank 0 holds the metrics
+        if score > self.state.best_metric:
+            self.state.best_metric = score
+            snapshot = self.snapshot()
+            if self.run.main:
+                self.checkpointer.save("model_best", snapshot, update_last=False)
+        self.state.model.train()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def snapshot(self, *, collective: bool = True) -> dict[str, Any]:
+        """The checkpoint contents; with ``collective`` every rank must call it (RNG states are gathered)."""
+        rngs = dist.all_gather_object(capture_rng_state()) if collective else [capture_rng_state()]
+        return {**self.state.state_dict(), "rng": rngs, **self.extras}
+
+    def interrupted(self) -> TrainingInterrupted:
+        """After Ctrl-C: rank 0 saves a numbered checkpoint (no collective calls: other ranks may be gone)."""
+        self.progress.newline()
+        path = self.checkpointer.save_numbered(self.state.iteration, self.snapshot(collective=False)) if self.run.main else None
+        message = f"interrupted at iteration {self.state.iteration}; checkpoint saved to {path}. Continue with --resume."
+        self.run.log(message)
+        return TrainingInterrupted(message, path)
