@@ -48,9 +48,9 @@ class ResumeError(RuntimeError):
 def build_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The detector that ``cfg.model`` describes, with ``num_classes`` (background included)."""
     m = cfg.model
-    head = m.head.to_kwargs() if hasattr(m.head, "to_kwargs") else dict(m.head)  # temporary: plain-dict head
     return build_detector(m.arch, backbone=m.backbone, num_classes=num_classes, min_size=m.min_size,
-                          max_size=m.max_size, anchor_sizes=m.anchor_sizes, aspect_ratios=m.aspect_ratios, **head)
+                          max_size=m.max_size, anchor_sizes=m.anchor_sizes, aspect_ratios=m.aspect_ratios,
+                          **m.head.to_kwargs())
 
 
 # -- training -------------------------------------------------------------------------------------
