@@ -31,7 +31,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from .inference_modules import ContiguousMaps, GemmMaskRCNNPredictor, PasteMasksTransform, ThreadedMultiScaleRoIAlign, paste_masks
+from .inference_modules import (
+    ContiguousMaps,
+    GemmMaskRCNNPredictor,
+    PasteMasksTransform,
+    ThreadedMultiScaleRoIAlign,
+    paste_masks,
+)
 from .precision import PrecisionPolicy, to_dtype
 
 __all__ = ["AutocastDetector", "fold_batch_norms", "optimize_for_inference", "paste_masks"]

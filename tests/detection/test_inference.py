@@ -326,3 +326,18 @@ def test_contiguous_maps_copies_each_map_once_while_it_lives():
     gc.collect()
     assert len(maps) == 0
     assert isinstance(copy.deepcopy(maps), ContiguousMaps)
+
+
+def test_every_private_torchvision_helper_is_where_the_adapter_expects_it(monkeypatch):
+    import importlib
+
+    import detection._torchvision as adapter
+
+    assert sorted(adapter.HELPERS) == sorted(adapter.__all__)
+    for alias, (module, name) in adapter.HELPERS.items():
+        assert callable(getattr(adapter, alias)), alias
+        assert getattr(adapter, alias) is getattr(importlib.import_module(module), name), alias
+    monkeypatch.setitem(adapter.HELPERS, "filter_input", ("torchvision.ops.poolers", "_moved_away"))
+    with pytest.raises(ImportError, match=r"torchvision .* has no torchvision\.ops\.poolers\._moved_away, which "
+                                          r"detection/_torchvision\.py imports as 'filter_input'"):
+        adapter._load("filter_input")
