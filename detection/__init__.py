@@ -5,11 +5,12 @@ Public entry points::
     from detection import build_detector, load_weights
     model = build_detector("mask_rcnn", backbone="resnet50", num_classes=91)
     load_weights(model, "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
-    optimize_for_inference(model)    # BN folded, channels-last: a faster eval-mode model
+    model = optimize_for_inference(model)    # BN folded, channels-last: a faster eval-mode model
 """
 
+from .archs import ARCHS
 from .inference import optimize_for_inference
-from .models import ARCHS, build_detector, derive_anchor_sizes, feature_info_of
+from .models import build_detector, feature_info_of
 from .weights import load_weights
 
-__all__ = ["ARCHS", "build_detector", "derive_anchor_sizes", "feature_info_of", "load_weights", "optimize_for_inference"]
+__all__ = ["ARCHS", "build_detector", "feature_info_of", "load_weights", "optimize_for_inference"]

@@ -1,9 +1,11 @@
 """``build_detector``: torchvision's detectors on our backbone, with anchors and poolers derived and checked.
 
-Every level-dependent number comes from the backbone's ``feature_info``:
+Everything arch-dependent comes from :data:`detection.archs.ARCHS`, and every level-dependent
+number from the backbone's ``feature_info``:
 
-* anchors, one size tuple per level: ``8 x stride`` for the R-CNNs (torchvision's 32..512 over
-  strides 4..64), ``4 x stride x (1, 2^(1/3), 2^(2/3))`` for RetinaNet, ``1 x stride`` for FCOS;
+* anchors, one size tuple per level: :meth:`ArchSpec.anchor_sizes` of the level strides
+  (torchvision's 32..512 over strides 4..64 for the R-CNNs, ``4 x stride x (1, 2^(1/3), 2^(2/3))``
+  for RetinaNet, ``1 x stride`` for FCOS) with the arch's aspect ratios;
 * RoI poolers over the levels with stride <= 32 (``p2``..``p5``): 7x7 for boxes, 14x14 for masks
   and keypoints, sampling ratio 2.
 
@@ -20,8 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -29,73 +30,69 @@ import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import (
-    FastRCNNConvFCHead,
-    FastRCNNPredictor,
-    RPNHead,
-    TwoMLPHead,
-)
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import MultiScaleRoIAlign
 
 from backbone import BackboneConfig, FeatureInfo, FeatureSpec, FPNConfig, build_backbone
 
-from .amp import Float32AnchorGenerator, decode_in_float32
+from .archs import ARCHS, ArchSpec, arch_spec
+from .heads import (
+    Float32AnchorGenerator,
+    Float32FastRCNNPredictor,
+    Float32FCOSHead,
+    Float32KeypointRCNNPredictor,
+    Float32MaskRCNNPredictor,
+    Float32RetinaNetHead,
+    Float32RPNHead,
+)
 
-__all__ = ["ARCHS", "build_detector", "derive_anchor_sizes", "feature_info_of"]
-
-
-@dataclass(frozen=True)
-class _Arch:
-    cls: type[nn.Module]
-    family: str  # "rcnn" | "retinanet" | "fcos"
-    out_features: tuple[str, ...]
-    extra: str
-    default_num_classes: int = 91
-    v2: bool = False
-
-
-ARCHS: dict[str, _Arch] = {
-    "faster_rcnn": _Arch(FasterRCNN, "rcnn", ("c2", "c3", "c4", "c5"), "maxpool"),
-    "faster_rcnn_v2": _Arch(FasterRCNN, "rcnn", ("c2", "c3", "c4", "c5"), "maxpool", v2=True),
-    "mask_rcnn": _Arch(MaskRCNN, "rcnn", ("c2", "c3", "c4", "c5"), "maxpool"),
-    "mask_rcnn_v2": _Arch(MaskRCNN, "rcnn", ("c2", "c3", "c4", "c5"), "maxpool", v2=True),
-    "keypoint_rcnn": _Arch(KeypointRCNN, "rcnn", ("c2", "c3", "c4", "c5"), "maxpool", default_num_classes=2),
-    "retinanet": _Arch(RetinaNet, "retinanet", ("c3", "c4", "c5"), "p6p7_p5"),
-    "retinanet_v2": _Arch(RetinaNet, "retinanet", ("c3", "c4", "c5"), "p6p7_c5", v2=True),
-    "fcos": _Arch(FCOS, "fcos", ("c3", "c4", "c5"), "p6p7_p5"),
-}
+__all__ = ["ARCHS", "build_detector", "detector_class", "feature_info_of"]
 
 #: Keyword options that ``build_detector`` handles itself (the rest go to torchvision's class).
 OWN_OPTIONS = (
     "anchor_sizes", "aspect_ratios", "box_head_dim", "box_head_convs", "mask_head_channels", "roi_canonical_scale",
 )
 
-
-def _arch(name: str) -> _Arch:
-    if name not in ARCHS:
-        close = difflib.get_close_matches(name, list(ARCHS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown detector arch {name!r}; choose one of {list(ARCHS)}.{hint}")
-    return ARCHS[name]
+#: torchvision's width of the box head's fully connected layers and of each mask-head conv.
+_BOX_HEAD_DIM = 1024
+_MASK_HEAD_CHANNELS = (256, 256, 256, 256)
+_V2_BOX_CONVS = (256, 256, 256, 256)
 
 
-def _backbone_for_arch(arch: _Arch, spec: str | BackboneConfig | Mapping[str, Any]) -> nn.Module:
-    """Build our backbone, filling options left unset (``None``) with the arch's torchvision defaults."""
+def detector_class(spec: ArchSpec) -> type[nn.Module]:
+    """torchvision's detector class for an :class:`~detection.archs.ArchSpec`."""
+    if spec.family == "rcnn":
+        return MaskRCNN if spec.masks else KeypointRCNN if spec.keypoints else FasterRCNN
+    if spec.family == "retinanet":
+        return RetinaNet
+    if spec.family == "fcos":
+        return FCOS
+    raise ValueError(f"unknown detector family {spec.family!r}; expected 'rcnn', 'retinanet' or 'fcos'")
+
+
+def _config_from_mapping(fields: Mapping[str, Any]) -> BackboneConfig:
+    fields = dict(fields)
+    fpn = fields.pop("fpn", {})
+    if isinstance(fpn, bool):
+        fpn = {"enabled": fpn}
+    return BackboneConfig(**fields, fpn=fpn if isinstance(fpn, FPNConfig) else FPNConfig(**fpn))
+
+
+def _backbone_config(spec: str | BackboneConfig | Mapping[str, Any]) -> BackboneConfig:
     if isinstance(spec, str):
-        cfg = BackboneConfig(name=spec)
-    elif isinstance(spec, BackboneConfig):
-        cfg = spec
-    else:
-        fields = dict(spec)
-        fpn = fields.pop("fpn", {})
-        if isinstance(fpn, bool):
-            fpn = {"enabled": fpn}
-        cfg = BackboneConfig(**fields, fpn=fpn if isinstance(fpn, FPNConfig) else FPNConfig(**fpn))
+        return BackboneConfig(name=spec)
+    if isinstance(spec, BackboneConfig):
+        return spec
+    return _config_from_mapping(spec)
+
+
+def _backbone_for_arch(arch: ArchSpec, spec: str | BackboneConfig | Mapping[str, Any]) -> nn.Module:
+    """Build our backbone, filling options left unset (``None``) with the arch's torchvision defaults."""
+    cfg = _backbone_config(spec)
     fpn = cfg.fpn
     if fpn.extra is None:
-        fpn = dataclasses.replace(fpn, extra=arch.extra)
+        fpn = dataclasses.replace(fpn, extra=arch.fpn_extra)
     if arch.v2 and arch.family == "rcnn" and fpn.norm is None:
         fpn = dataclasses.replace(fpn, norm="bn")
     changes: dict[str, Any] = {"fpn": fpn}
@@ -139,17 +136,6 @@ def feature_info_of(backbone: nn.Module, probe_size: int = 256) -> FeatureInfo:
     return FeatureInfo(specs)
 
 
-def derive_anchor_sizes(family: str, strides: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """Anchor sizes per level from the strides, reproducing torchvision's defaults for each family."""
-    if family == "rcnn":
-        return tuple((8 * s,) for s in strides)
-    if family == "retinanet":
-        return tuple((4 * s, int(4 * s * 2 ** (1.0 / 3)), int(4 * s * 2 ** (2.0 / 3))) for s in strides)
-    if family == "fcos":
-        return tuple((s,) for s in strides)
-    raise ValueError(f"unknown detector family {family!r}")
-
-
 def _check_pooler(option: str, pooler: Any, info: FeatureInfo) -> None:
     names = list(getattr(pooler, "featmap_names", []))
     missing = [n for n in names if n not in info]
@@ -176,6 +162,125 @@ def _check_head_options(cls: type[nn.Module], options: Mapping[str, Any]) -> Non
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"unknown option {key!r} for {cls.__name__}{hint}; valid options: {', '.join(sorted(valid))}")
+
+
+def _backbone_module(arch: ArchSpec, backbone: str | BackboneConfig | Mapping[str, Any] | nn.Module) -> tuple[nn.Module, FeatureInfo]:
+    """The backbone module and its outputs, checked for what torchvision's heads need."""
+    module = backbone if isinstance(backbone, nn.Module) else _backbone_for_arch(arch, backbone)
+    if not hasattr(module, "out_channels"):
+        raise TypeError(
+            f"the backbone module {type(module).__name__} has no 'out_channels' attribute, which torchvision's "
+            "heads need; set it to the channel count shared by all output levels"
+        )
+    info = feature_info_of(module)
+    uneven = [s for s in info if s.channels != module.out_channels]
+    if uneven:
+        raise ValueError(
+            f"the detector heads need every level to have out_channels={module.out_channels} channels, but "
+            f"{[(s.name, s.channels) for s in uneven]} differ; add an FPN (fpn.enabled: true) or return one level"
+        )
+    return module, info
+
+
+def _anchor_generator(arch: ArchSpec, info: FeatureInfo, options: dict[str, Any]) -> AnchorGenerator:
+    """The given anchor generator, or one from ``anchor_sizes`` / ``aspect_ratios`` (popped) or the arch's defaults."""
+    key = "rpn_anchor_generator" if arch.family == "rcnn" else "anchor_generator"
+    sizes = options.pop("anchor_sizes", None)
+    ratios = options.pop("aspect_ratios", None)
+    generator = options.get(key)
+    if generator is not None and (sizes is not None or ratios is not None):
+        raise ValueError(f"pass either {key} or anchor_sizes/aspect_ratios, not both")
+    if generator is None:
+        sizes = arch.anchor_sizes(info.strides()) if sizes is None else sizes
+        sizes = tuple(tuple(int(v) for v in level) for level in sizes)
+        if len(sizes) != len(info):
+            raise ValueError(
+                f"anchor_sizes has {len(sizes)} entries but the backbone produces {len(info)} levels "
+                f"{list(info.names())}; give one tuple of sizes per level"
+            )
+        ratios = tuple(float(r) for r in (arch.aspect_ratios if ratios is None else ratios))
+        generator = options[key] = Float32AnchorGenerator(sizes, (ratios,) * len(sizes))
+    _check_anchors(key, generator, info)
+    return generator
+
+
+def _check_family_options(name: str, arch: ArchSpec, options: Mapping[str, Any]) -> None:
+    """Our own options that only some archs take."""
+    if arch.family != "rcnn" and any(options.get(k) is not None for k in ("box_head_dim", "box_head_convs", "mask_head_channels")):
+        raise ValueError(f"box_head_dim, box_head_convs and mask_head_channels apply to the R-CNN detectors, not {name}")
+    if options.get("mask_head_channels") is not None and not arch.masks:
+        raise ValueError(f"mask_head_channels needs a Mask R-CNN arch, got {name}")
+    canonical = options.get("roi_canonical_scale")
+    if canonical is not None and (arch.family != "rcnn" or not float(canonical) > 0):
+        raise ValueError(f"roi_canonical_scale must be a positive box side in pixels for an R-CNN arch; "
+                         f"got {canonical!r} for {name}")
+
+
+def _poolers(arch: ArchSpec, info: FeatureInfo, canonical: Any) -> dict[str, MultiScaleRoIAlign]:
+    """RoIAlign poolers over the levels with stride <= 32 (all of a single-level backbone)."""
+    names = [s.name for s in info if s.stride <= 32] or [info[0].name]
+    scale = {} if canonical is None else {"canonical_scale": int(canonical)}
+    poolers = {"box_roi_pool": MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, **scale)}
+    if arch.masks:
+        poolers["mask_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, **scale)
+    if arch.keypoints:
+        poolers["keypoint_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, **scale)
+    return poolers
+
+
+def _box_heads(arch: ArchSpec, channels: int, num_classes: int, options: dict[str, Any],
+               dim: Any, convs: Any) -> None:
+    """Box head (two FC layers; conv + FC in the v2 models or with ``box_head_convs``) and predictor."""
+    dim = int(dim or _BOX_HEAD_DIM)
+    if options.get("box_head") is None:
+        resolution = options["box_roi_pool"].output_size[0]
+        if convs is None and arch.v2:
+            convs = _V2_BOX_CONVS
+        if convs is not None:
+            options["box_head"] = FastRCNNConvFCHead(
+                (channels, resolution, resolution), [int(c) for c in convs], [dim], norm_layer=nn.BatchNorm2d
+            )
+        else:
+            options["box_head"] = TwoMLPHead(channels * resolution**2, dim)
+    options.setdefault("box_predictor", Float32FastRCNNPredictor(dim, num_classes))
+
+
+def _mask_heads(arch: ArchSpec, channels: int, num_classes: int, options: dict[str, Any], layers: Any) -> None:
+    """Mask head (four 3x3 convs, with BN in the v2 model) and predictor."""
+    layers = [int(c) for c in (layers or _MASK_HEAD_CHANNELS)]
+    norm = nn.BatchNorm2d if arch.v2 else None
+    options.setdefault("mask_head", MaskRCNNHeads(channels, layers, 1, norm_layer=norm))
+    options.setdefault("mask_predictor", Float32MaskRCNNPredictor(layers[-1], layers[-1], num_classes))
+
+
+def _rcnn_heads(arch: ArchSpec, channels: int, num_anchors: int, num_classes: int, info: FeatureInfo,
+                options: dict[str, Any]) -> None:
+    """Fill ``options`` with the R-CNN modules not given: RPN head, poolers, box / mask / keypoint heads."""
+    box_dim, box_convs = options.pop("box_head_dim", None), options.pop("box_head_convs", None)
+    mask_layers = options.pop("mask_head_channels", None)
+    options.setdefault("rpn_head", Float32RPNHead(channels, num_anchors, conv_depth=2 if arch.v2 else 1))
+    for key, pooler in _poolers(arch, info, options.pop("roi_canonical_scale", None)).items():
+        if options.get(key) is None:
+            options[key] = pooler
+    for key in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
+        if options.get(key) is not None:
+            _check_pooler(key, options[key], info)
+    _box_heads(arch, channels, num_classes, options, box_dim, box_convs)
+    if arch.masks:
+        _mask_heads(arch, channels, num_classes, options, mask_layers)
+    if arch.keypoints and options.get("keypoint_predictor") is None:
+        # KeypointRCNNHeads ends with 512 channels; torchvision predicts 17 (COCO) keypoints by default.
+        options["keypoint_predictor"] = Float32KeypointRCNNPredictor(512, options.pop("num_keypoints", None) or 17)
+
+
+def _one_stage_head(arch: ArchSpec, channels: int, num_anchors: int, num_classes: int) -> nn.Module:
+    if arch.family == "fcos":
+        return Float32FCOSHead(channels, num_anchors, num_classes)
+    if not arch.v2:
+        return Float32RetinaNetHead(channels, num_anchors, num_classes)
+    head = Float32RetinaNetHead(channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
+    head.regression_head._loss_type = "giou"  # as torchvision's retinanet_resnet50_fpn_v2 sets it
+    return head
 
 
 def build_detector(
@@ -211,8 +316,9 @@ def build_detector(
 
     Returns:
         The torchvision detector (``FasterRCNN``, ``MaskRCNN``, ``KeypointRCNN``, ``RetinaNet`` or
-        ``FCOS``), with anchors generated and boxes decoded in float32 even under autocast (see
-        :mod:`detection.amp`). In eval mode it returns per image ``boxes`` [N, 4] float32 xyxy in input pixels,
+        ``FCOS``, see :func:`detector_class`) with the anchor generator and prediction heads of
+        :mod:`detection.heads`: anchors generated and boxes decoded in float32 even under autocast,
+        in float64 after ``model.double()``. Modules passed in ``head_options`` replace these. In eval mode it returns per image ``boxes`` [N, 4] float32 xyxy in input pixels,
         ``scores`` [N], ``labels`` [N] int64 and, where the arch has them, ``masks`` [N, 1, H, W]
         float32 in [0, 1] or ``keypoints`` [N, K, 3].
 
@@ -226,99 +332,21 @@ def build_detector(
         >>> model.eval()(torch.rand(1, 3, 200, 300).unbind(0))[0].keys()  # doctest: +SKIP
         dict_keys(['boxes', 'labels', 'scores', 'masks'])
     """
-    spec = _arch(arch)
+    spec = arch_spec(arch)
+    cls = detector_class(spec)
     options = dict(head_options)
-    _check_head_options(spec.cls, options)
+    _check_head_options(cls, options)
     if num_classes is None:
         num_classes = spec.default_num_classes
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too, so it must be >= 2; got {num_classes}")
-
-    module = backbone if isinstance(backbone, nn.Module) else _backbone_for_arch(spec, backbone)
-    if not hasattr(module, "out_channels"):
-        raise TypeError(
-            f"the backbone module {type(module).__name__} has no 'out_channels' attribute, which torchvision's "
-            "heads need; set it to the channel count shared by all output levels"
-        )
-    info = feature_info_of(module)
-    uneven = [s for s in info if s.channels != module.out_channels]
-    if uneven:
-        raise ValueError(
-            f"the detector heads need every level to have out_channels={module.out_channels} channels, but "
-            f"{[(s.name, s.channels) for s in uneven]} differ; add an FPN (fpn.enabled: true) or return one level"
-        )
-    channels = module.out_channels
-
-    box_head_dim = options.pop("box_head_dim", None)
-    box_convs = options.pop("box_head_convs", None)
-    mask_channels = options.pop("mask_head_channels", None)
-    if spec.family != "rcnn" and (box_head_dim is not None or box_convs is not None or mask_channels is not None):
-        raise ValueError(f"box_head_dim, box_head_convs and mask_head_channels apply to the R-CNN detectors, not {arch}")
-    if mask_channels is not None and spec.cls is not MaskRCNN:
-        raise ValueError(f"mask_head_channels needs a Mask R-CNN arch, got {arch}")
-    sizes = options.pop("anchor_sizes", None)
-    ratios = options.pop("aspect_ratios", None)
-    default_ratios = (1.0,) if spec.family == "fcos" else (0.5, 1.0, 2.0)
-    anchor_key = "rpn_anchor_generator" if spec.family == "rcnn" else "anchor_generator"
-    if options.get(anchor_key) is None:
-        if sizes is None:
-            sizes = derive_anchor_sizes(spec.family, info.strides())
-        sizes = tuple(tuple(int(v) for v in level) for level in sizes)
-        if len(sizes) != len(info):
-            raise ValueError(
-                f"anchor_sizes has {len(sizes)} entries but the backbone produces {len(info)} levels "
-                f"{list(info.names())}; give one tuple of sizes per level"
-            )
-        ratios = tuple(float(r) for r in (ratios if ratios is not None else default_ratios))
-        options[anchor_key] = Float32AnchorGenerator(sizes, (ratios,) * len(sizes))
-    elif sizes is not None or ratios is not None:
-        raise ValueError(f"pass either {anchor_key} or anchor_sizes/aspect_ratios, not both")
-    _check_anchors(anchor_key, options[anchor_key], info)
-    num_anchors = options[anchor_key].num_anchors_per_location()[0]
-
-    canonical = options.pop("roi_canonical_scale", None)
-    if canonical is not None and (spec.family != "rcnn" or not float(canonical) > 0):
-        raise ValueError(f"roi_canonical_scale must be a positive box side in pixels for an R-CNN arch; "
-                         f"got {canonical!r} for {arch}")
+    _check_family_options(arch, spec, options)
+    module, info = _backbone_module(spec, backbone)
+    num_anchors = _anchor_generator(spec, info, options).num_anchors_per_location()[0]
     if spec.family == "rcnn":
-        pooled = [s.name for s in info if s.stride <= 32] or [info[0].name]
-
-        def pooler(size: int) -> MultiScaleRoIAlign:
-            return MultiScaleRoIAlign(pooled, output_size=size, sampling_ratio=2, canonical_scale=int(canonical or 224))
-
-        options.setdefault("box_roi_pool", pooler(7))
-        if spec.cls is MaskRCNN:
-            options.setdefault("mask_roi_pool", pooler(14))
-        if spec.cls is KeypointRCNN:
-            options.setdefault("keypoint_roi_pool", pooler(14))
-        for key in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
-            if options.get(key) is not None:
-                _check_pooler(key, options[key], info)
-        if box_convs is not None or box_head_dim is not None:
-            dim = int(box_head_dim or 1024)
-            if box_convs is not None:
-                head = FastRCNNConvFCHead((channels, 7, 7), [int(c) for c in box_convs], [dim], norm_layer=nn.BatchNorm2d)
-            else:
-                head = TwoMLPHead(channels * 7 * 7, dim)
-            options.setdefault("box_head", head)
-            options.setdefault("box_predictor", FastRCNNPredictor(dim, num_classes))
-        if mask_channels is not None:
-            mask_channels = [int(c) for c in mask_channels]
-            options.setdefault("mask_head", MaskRCNNHeads(channels, mask_channels, 1))
-            options.setdefault("mask_predictor", MaskRCNNPredictor(mask_channels[-1], mask_channels[-1], num_classes))
-        if spec.v2:
-            options.setdefault("rpn_head", RPNHead(channels, num_anchors, conv_depth=2))
-            options.setdefault(
-                "box_head", FastRCNNConvFCHead((channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
-            )
-            if spec.cls is MaskRCNN:
-                options.setdefault("mask_head", MaskRCNNHeads(channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d))
-    elif spec.v2 and spec.family == "retinanet" and options.get("head") is None:
-        head = RetinaNetHead(channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
-        head.regression_head._loss_type = "giou"
-        options["head"] = head
-
-    # torchvision refuses num_classes next to a ready-made predictor (the predictor fixes it).
-    has_predictor = options.get("box_predictor") is not None or options.get("mask_predictor") is not None
-    return decode_in_float32(spec.cls(module, num_classes=None if has_predictor else num_classes, **options))
-
+        _rcnn_heads(spec, module.out_channels, num_anchors, num_classes, info, options)
+        # torchvision refuses num_classes next to a ready-made predictor (the predictor fixes it).
+        return cls(module, num_classes=None, **options)
+    if options.get("head") is None:
+        options["head"] = _one_stage_head(spec, module.out_channels, num_anchors, num_classes)
+    return cls(module, num_classes=num_classes, **options)

@@ -44,7 +44,10 @@ from typing import Any
 
 import torch
 
-_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from detection.precision import PRECISIONS, PrecisionPolicy, short_name
+
+#: the ``--precision`` names: the short names of detection.precision
+_PRECISION_NAMES = sorted({short_name(dtype) for dtype in PRECISIONS.values()})
 _TV_BUILDERS = {
     "faster_rcnn": "fasterrcnn_resnet50_fpn",
     "mask_rcnn": "maskrcnn_resnet50_fpn",
@@ -64,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=800, help="image side in pixels and min_size (default 800)")
     parser.add_argument("--batch", type=int, default=2, help="images per training step / backbone forward (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--precision", choices=sorted(_PRECISIONS), default="fp32", help="autocast dtype (default fp32)")
+    parser.add_argument("--precision", choices=_PRECISION_NAMES, default="fp32", help="autocast dtype (default fp32)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format for both models")
     parser.add_argument("--fast", action="store_true", help="ours through optimize_for_inference (inference only)")
     parser.add_argument("--what", nargs="+", default=["backbone", "inference", "train"],
@@ -140,9 +143,7 @@ def _build_pair(args: argparse.Namespace, device: torch.device, **options: Any) 
 
 
 def _autocast(device: torch.device, precision: str):
-    from detection.amp import autocast
-
-    return autocast(device, precision != "fp32", _PRECISIONS[precision])
+    return PrecisionPolicy.of(precision, device).autocast()
 
 
 def bench_backbone(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -178,7 +179,7 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> list[dict
     ours.eval()
     tv.eval()
     if args.fast:
-        optimize_for_inference(ours, precision=args.precision, channels_last=True)
+        ours = optimize_for_inference(ours, precision=args.precision, channels_last=True)
     elif args.channels_last:
         ours.backbone.to(memory_format=torch.channels_last)
     if args.channels_last:
@@ -215,10 +216,8 @@ def bench_inference(args: argparse.Namespace, device: torch.device) -> list[dict
 
 def _train_step_fn(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict], device: torch.device,
                    precision: str, seed: int) -> Callable[[], float]:
-    from detection.amp import make_grad_scaler
-
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    scaler = make_grad_scaler(device, precision != "fp32", _PRECISIONS[precision])
+    scaler = PrecisionPolicy.of(precision, device).grad_scaler()
 
     def step() -> float:
         torch.manual_seed(seed)

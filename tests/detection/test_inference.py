@@ -1,4 +1,10 @@
-"""optimize_for_inference: BN folding, channels-last, reduced precision with float32 outputs."""
+"""optimize_for_inference: BN folding, channels-last, the swapped-in fast modules, reduced precision with
+float32 outputs."""
+
+import copy
+import gc
+import pickle
+import threading
 
 import pytest
 import torch
@@ -6,7 +12,13 @@ from torch import nn
 
 from backbone import build_backbone
 from detection import build_detector
-from detection.inference import fold_batch_norms, optimize_for_inference
+from detection.inference import AutocastDetector, fold_batch_norms, optimize_for_inference
+from detection.inference_modules import (
+    ContiguousMaps,
+    GemmMaskRCNNPredictor,
+    PasteMasksTransform,
+    ThreadedMultiScaleRoIAlign,
+)
 
 
 def test_folding_keeps_backbone_outputs():
@@ -44,7 +56,7 @@ def test_fp32_fast_path_matches_retinanet_features_and_head():
     plain = build_detector("retinanet", **options).eval()
     fast = build_detector("retinanet", **options)
     fast.load_state_dict(plain.state_dict())
-    optimize_for_inference(fast)
+    assert optimize_for_inference(fast) is fast
     x = torch.rand(1, 3, 128, 96)
     with torch.no_grad():
         fa, fb = plain.backbone(x), fast.backbone(x)
@@ -67,8 +79,13 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
     fast = build_detector(arch, backbone={"name": "resnet18", "norm": "frozen_bn", "fpn": {"out_channels": 64}},
                           num_classes=4, min_size=128, max_size=128, **kwargs)
     fast.load_state_dict(plain.state_dict())
-    optimize_for_inference(fast, precision="fp32")
+    assert optimize_for_inference(fast, precision="fp32") is fast
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(fast.roi_heads.box_roi_pool, ThreadedMultiScaleRoIAlign)
+    assert isinstance(fast.transform, PasteMasksTransform)
+    assert isinstance(fast.roi_heads.mask_predictor, GemmMaskRCNNPredictor) == arch.startswith("mask")
+    # modules, not patches: no instance carries its own forward or postprocess
+    assert not [n for n, m in fast.named_modules() if {"forward", "postprocess"} & set(vars(m))]
     image = [torch.rand(3, 128, 112)]
     with torch.no_grad():
         a = plain(image)[0]
@@ -85,6 +102,8 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
     if "masks" in a:
         order = distance.argmin(1)
         assert (a["masks"] - b["masks"][order]).abs().max().item() <= 1e-4
+        assert fast.roi_heads.mask_roi_pool.maps is fast.roi_heads.box_roi_pool.maps
+    assert len(fast.roi_heads.box_roi_pool.maps) == 0  # the contiguous copies went with the feature maps
 
 
 def test_bf16_fast_path_on_cpu_keeps_outputs_float32():
@@ -97,17 +116,20 @@ def test_bf16_fast_path_on_cpu_keeps_outputs_float32():
     model.backbone.body.register_forward_hook(lambda m, i, out: seen.append(next(iter(out.values())).dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CPUs without native bf16 warn that it is slow
-        optimize_for_inference(model, precision="bf16")
+        fast = optimize_for_inference(model, precision="bf16")
+    assert isinstance(fast, AutocastDetector) and fast.detector is model and fast.policy.dtype == torch.bfloat16
     with torch.no_grad():
-        out = model([torch.rand(3, 64, 64)])[0]
-    assert seen == [torch.bfloat16]
+        out = fast([torch.rand(3, 64, 64)])[0]
+        plain_out = model([torch.rand(3, 64, 64)])[0]  # the detector itself still runs in fp32
+    assert seen == [torch.bfloat16, torch.float32]
+    assert plain_out["boxes"].dtype == torch.float32
     assert len(out["boxes"]) > 0
     for key in ("boxes", "scores", "masks"):
         assert out[key].dtype == torch.float32, key
 
 
 def test_bad_precision():
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="unknown precision 'int8'; choose one of"):
         optimize_for_inference(nn.Conv2d(1, 1, 1), precision="int8")
 
 
@@ -115,17 +137,15 @@ def test_bad_precision():
 def test_bf16_fast_path_agrees_with_fp32_on_a_trained_model(tmp_path):
     """Train the quickstart model until it fits a few images, then compare: every confident fp32
     detection is found again by the bf16 fast path with the same label and box IoU > 0.9."""
-    import copy
     import warnings
     from pathlib import Path
 
     from torchvision.io import read_image
     from torchvision.ops import box_iou
 
-    from backbone import read_checkpoint_and_extras
     from detection.config import load_config
     from detection.trainer import build_model, train
-    from detection.weights import load_weights
+    from detection.weights import load_weights, read_detector_checkpoint
 
     repo = Path(__file__).resolve().parents[2]
     cfg = load_config(repo / "configs" / "quickstart.yaml", [
@@ -136,14 +156,13 @@ def test_bf16_fast_path_agrees_with_fp32_on_a_trained_model(tmp_path):
         "train.device=cpu", "train.schedule.warmup_iters=20",
     ])
     train(cfg, output_dir=tmp_path / "run", log=lambda s: None)
-    state, _ = read_checkpoint_and_extras(tmp_path / "run" / "model_final.pth")
+    state, _ = read_detector_checkpoint(tmp_path / "run" / "model_final.pth")
     reference = build_model(cfg, 4)
     load_weights(reference, state)
     reference.eval()
-    fast = copy.deepcopy(reference)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # CPUs without native bf16 warn that it is slow; it is still correct
-        optimize_for_inference(fast, precision="bf16")
+        fast = optimize_for_inference(copy.deepcopy(reference), precision="bf16")
     images_dir = next((tmp_path / "shapes").iterdir()) / "train" / "images"
     images = [read_image(str(p)).float() / 255 for p in sorted(images_dir.iterdir())]
     confident = 0
@@ -177,24 +196,25 @@ def test_paste_masks_is_identical_to_torchvisions():
     assert paste_masks(masks[:0], boxes[:0], (80, 100)).shape == (0, 1, 80, 100)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatch):
-    import threading
+def test_paste_masks_transform_postprocesses_like_torchvisions():
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-    from torchvision.ops import MultiScaleRoIAlign
+    torch.manual_seed(0)
+    plain = GeneralizedRCNNTransform(96, 128, [0.5] * 3, [0.2] * 3, size_divisible=16).eval()
+    fast = PasteMasksTransform.from_transform(plain)
+    assert (fast.min_size, fast.max_size, fast.size_divisible) == ((96,), 128, 16)
+    images = [torch.rand(3, 80, 100)]
+    assert torch.equal(fast(images)[0].tensors, plain(images)[0].tensors)
+    xy = torch.rand(6, 2) * 60
+    result = {"boxes": torch.cat([xy, xy + 5 + torch.rand(6, 2) * 30], 1), "masks": torch.rand(6, 1, 28, 28),
+              "keypoints": torch.rand(6, 17, 3) * 90}
+    expected = plain.postprocess([dict(result)], [(96, 120)], [(80, 100)])[0]
+    got = fast.postprocess([dict(result)], [(96, 120)], [(80, 100)])[0]
+    for key in result:
+        assert torch.equal(got[key], expected[key]), key
 
-    import detection.inference as inference
-    from detection.inference import _threaded_roi_pool
 
-    ran_in = []
-    kernel = inference.roi_align
-
-    def recording(*args):
-        ran_in.append(threading.current_thread().name)
-        return kernel(*args)
-
-    monkeypatch.setattr(inference, "roi_align", recording)
-
+def _pooling_inputs():
     torch.manual_seed(0)
     features = {k: torch.randn(2, 8, s, s) for k, s in (("0", 64), ("1", 32), ("2", 16), ("3", 8))}
     features = {k: v.contiguous(memory_format=torch.channels_last) if k == "1" else v for k, v in features.items()}
@@ -202,9 +222,27 @@ def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatc
     for _ in range(2):
         xy = torch.rand(40, 2) * 200
         boxes.append(torch.cat([xy, xy + 2 + torch.rand(40, 2) * 150], 1))
+    return features, boxes
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatch):
+    from torchvision.ops import MultiScaleRoIAlign
+
+    import detection.inference_modules as modules
+
+    ran_in = []
+    kernel = modules.roi_align
+
+    def recording(*args):
+        ran_in.append(threading.current_thread().name)
+        return kernel(*args)
+
+    monkeypatch.setattr(modules, "roi_align", recording)
+    features, boxes = _pooling_inputs()
     plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
-    threaded = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
-    _threaded_roi_pool(threaded)
+    threaded = ThreadedMultiScaleRoIAlign.from_pooler(plain)
+    assert (threaded.featmap_names, threaded.output_size, threaded.canonical_scale) == (["0", "1", "2", "3"], (7, 7), 32)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the threaded path needs at least two
     try:
@@ -215,6 +253,7 @@ def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatc
             got = threaded(features, boxes, [(256, 256)] * 2)
     finally:
         torch.set_num_threads(threads)
+        threaded.close()
     levels = plain.map_levels(boxes)
     assert len(levels.unique()) >= 3  # RoIs on several levels, several chunks each
     assert got.dtype == expected.dtype
@@ -222,22 +261,83 @@ def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatc
     assert len(ran_in) >= 2 * len(levels.unique()) and all(name.startswith("roi_align") for name in ran_in)
 
 
+def test_threaded_roi_pooling_owns_its_thread_pool():
+    features, boxes = _pooling_inputs()
+    pooler = ThreadedMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            one_thread = pooler(features, boxes, [(256, 256)] * 2)
+        assert pooler._pool is None  # one thread: torchvision's path, no pool made
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            assert torch.equal(pooler(features, boxes, [(256, 256)] * 2), one_thread)
+    finally:
+        torch.set_num_threads(threads)
+    pool = pooler._pool
+    assert pool is not None and pool._max_workers == 2
+    for clone in (copy.deepcopy(pooler), pickle.loads(pickle.dumps(pooler))):
+        assert clone._pool is None and clone.scales == pooler.scales
+    pooler.close()
+    assert pool._shutdown and pooler._pool is None
+    pooler._executor(2)
+    pool = pooler._pool
+    del pooler
+    gc.collect()
+    assert pool._shutdown  # collected with its module
+
+
 def test_gemm_mask_predictor_matches_the_convolutions():
     from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-    from detection.inference import _gemm_mask_predictor
-
     torch.manual_seed(0)
     plain = MaskRCNNPredictor(16, 12, 5).eval()
-    fast = MaskRCNNPredictor(16, 12, 5).eval()
-    fast.load_state_dict(plain.state_dict())
-    assert _gemm_mask_predictor(fast)
+    fast = GemmMaskRCNNPredictor.from_predictor(plain)
+    assert [p is q for p, q in zip(fast.parameters(), plain.parameters())] == [True] * 4
+    assert list(fast.state_dict()) == list(plain.state_dict())
     x = torch.randn(6, 16, 14, 14)
     with torch.no_grad():
         expected, got = plain(x), fast(x)
         cl = fast(x.contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = fast(x)
     assert got.shape == expected.shape == (6, 5, 28, 28)
     assert (got - expected).abs().max().item() <= 1e-5
     assert (cl - expected).abs().max().item() <= 1e-5
+    assert reduced.dtype == torch.float32
+    # With gradients it runs the convolutions, so it still trains.
+    assert torch.equal(fast.train()(x), plain.train()(x))
     # Anything else is left alone.
-    assert not _gemm_mask_predictor(nn.Sequential(nn.Conv2d(16, 5, 1)))
+    assert not GemmMaskRCNNPredictor.supports(nn.Sequential(nn.Conv2d(16, 5, 1)))
+    with pytest.raises(ValueError, match="is not a MaskRCNNPredictor"):
+        GemmMaskRCNNPredictor.from_predictor(nn.Sequential(nn.Conv2d(16, 5, 1)))
+
+
+def test_contiguous_maps_copies_each_map_once_while_it_lives():
+    maps = ContiguousMaps()
+    plain = torch.randn(1, 4, 6, 6)
+    assert maps(plain) is plain and len(maps) == 0
+    channels_last = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    first = maps(channels_last)
+    assert first.is_contiguous() and torch.equal(first, channels_last)
+    assert maps(channels_last) is first and len(maps) == 1
+    del channels_last
+    gc.collect()
+    assert len(maps) == 0
+    assert isinstance(copy.deepcopy(maps), ContiguousMaps)
+
+
+def test_every_private_torchvision_helper_is_where_the_adapter_expects_it(monkeypatch):
+    import importlib
+
+    import detection._torchvision as adapter
+
+    assert sorted(adapter.HELPERS) == sorted(adapter.__all__)
+    for alias, (module, name) in adapter.HELPERS.items():
+        assert callable(getattr(adapter, alias)), alias
+        assert getattr(adapter, alias) is getattr(importlib.import_module(module), name), alias
+    monkeypatch.setitem(adapter.HELPERS, "filter_input", ("torchvision.ops.poolers", "_moved_away"))
+    with pytest.raises(ImportError, match=r"torchvision .* has no torchvision\.ops\.poolers\._moved_away, which "
+                                          r"detection/_torchvision\.py imports as 'filter_input'"):
+        adapter._load("filter_input")

@@ -1,0 +1,248 @@
+"""Drop-in replacements for three torchvision modules, faster in CPU inference, with the same outputs.
+
+:func:`detection.optimize_for_inference` swaps them in by attribute assignment; each is a
+subclass of the module it replaces (same constructor, parameters and state-dict keys):
+
+* :class:`ThreadedMultiScaleRoIAlign` (``MultiScaleRoIAlign``): splits each level's RoIs across
+  ``torch.get_num_threads()`` threads, where torchvision's RoIAlign kernel runs on one;
+* :class:`GemmMaskRCNNPredictor` (``MaskRCNNPredictor``): the 2x2 transposed conv, ReLU and 1x1 conv
+  as two matrix products, well below the convolution kernels' cost for many small RoIs;
+* :class:`PasteMasksTransform` (``GeneralizedRCNNTransform``): pastes the predicted masks into one
+  preallocated tensor (:func:`paste_masks`) instead of one full-image tensor per mask and a stack.
+
+Each computes exactly what the module it replaces computes and falls back to it where the fast
+version does not apply (GPU, gradients, one thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+from ._torchvision import (
+    convert_to_roi_format,
+    expand_boxes,
+    expand_masks,
+    filter_input,
+    resize_boxes,
+    resize_keypoints,
+    setup_scales,
+)
+from .heads import Float32MaskRCNNPredictor, upcast_reduced
+
+__all__ = ["ContiguousMaps", "GemmMaskRCNNPredictor", "PasteMasksTransform", "ThreadedMultiScaleRoIAlign", "paste_masks"]
+
+
+class ContiguousMaps:
+    """Contiguous (NCHW) copies of feature maps, made once per map and shared by the poolers that hold it.
+
+    RoIAlign reads NCHW and copies a channels-last map on every call; the box and mask poolers of
+    one model read the same maps. A copy lives as long as the map it was made from (a weak
+    reference drops it with the map), so maps must not change in place between the poolers' calls,
+    which holds within a detector's forward. Pickled or deep-copied, it starts empty.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[int, tuple[weakref.ref, Tensor]] = {}
+
+    def __call__(self, t: Tensor) -> Tensor:
+        if t.is_contiguous():
+            return t
+        key = id(t)
+        entry = self._copies.get(key)
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        copy = t.contiguous()
+        self._copies[key] = (weakref.ref(t, lambda _, key=key: self._copies.pop(key, None)), copy)
+        return copy
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return ContiguousMaps, ()
+
+
+def _roi_align_job(inference: bool, amp: torch.dtype | None, *args: Any) -> Tensor:
+    # Grad, inference and autocast modes are thread-local: run the worker in the caller's.
+    amp_ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
+    with torch.inference_mode(inference), torch.no_grad(), amp_ctx:
+        return roi_align(*args)
+
+
+class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's ``MultiScaleRoIAlign`` running RoIAlign on several threads for CPU inference.
+
+    The same level mapping and the same kernel per RoI, so outputs are identical; only each level's
+    RoIs are split into chunks that run concurrently (the kernel releases the GIL). The feature
+    maps are made contiguous once (RoIAlign reads NCHW and would copy a channels-last map for every
+    chunk), through ``maps``, a :class:`ContiguousMaps` that poolers of one model can share. Falls
+    back to torchvision's forward on GPU, when gradients are needed, or with one thread.
+
+    The thread pool is created on first use and shut down by :meth:`close`, or when the module is
+    garbage-collected; it is neither pickled nor deep-copied (a copy makes its own).
+    """
+
+    def __init__(self, *args: Any, maps: ContiguousMaps | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.maps = maps if maps is not None else ContiguousMaps()
+        self._reset_pool()
+
+    @classmethod
+    def from_pooler(cls, pooler: MultiScaleRoIAlign, maps: ContiguousMaps | None = None) -> ThreadedMultiScaleRoIAlign:
+        """The threaded version of ``pooler``, with the same settings (and level mapping, once inferred)."""
+        new = cls(list(pooler.featmap_names), pooler.output_size, pooler.sampling_ratio, maps=maps,
+                  canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
+        new.scales, new.map_levels = pooler.scales, pooler.map_levels
+        return new
+
+    def _reset_pool(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_finalizer: weakref.finalize | None = None
+        self._pool_lock = threading.Lock()
+
+    def _executor(self, workers: int) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None or self._pool._max_workers != workers:
+                self.close()
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
+                self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
+            return self._pool
+
+    def close(self) -> None:
+        """Shut the thread pool down (a later call starts a new one)."""
+        if self._pool_finalizer is not None:
+            self._pool_finalizer.detach()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._pool, self._pool_finalizer = None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        for key in ("_pool", "_pool_finalizer", "_pool_lock"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_pool()
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        workers = torch.get_num_threads()
+        features = filter_input(x, self.featmap_names)
+        if workers < 2 or features[0].device.type != "cpu" or (torch.is_grad_enabled() and features[0].requires_grad):
+            return super().forward(x, boxes, image_shapes)
+        features = [self.maps(f) for f in features]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
+        rois = convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
+        result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size))
+        for chunk, job in self._submit(workers, features, rois, levels):
+            result[chunk] = job.result().to(result.dtype)
+        return result
+
+    def _submit(self, workers: int, features: list[Tensor], rois: Tensor, levels: Tensor) -> list[tuple[Tensor, Future]]:
+        pool, inference = self._executor(workers), torch.is_inference_mode_enabled()
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        jobs = []
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            for chunk in torch.where(levels == level)[0].tensor_split(workers):
+                if len(chunk):
+                    args = (feature, rois[chunk], self.output_size, scale, self.sampling_ratio)
+                    jobs.append((chunk, pool.submit(_roi_align_job, inference, amp, *args)))
+        return jobs
+
+
+class GemmMaskRCNNPredictor(Float32MaskRCNNPredictor):
+    """The mask predictor computed as two matrix products on CPU without gradients.
+
+    Same parameters, keys and (float32) outputs as :class:`~detection.heads.Float32MaskRCNNPredictor`;
+    on GPU or with gradients it runs the convolutions.
+    """
+
+    @staticmethod
+    def supports(predictor: nn.Module) -> bool:
+        """Whether ``predictor`` is a ``MaskRCNNPredictor`` of torchvision's structure (2x2/2 deconv, ReLU, 1x1 conv)."""
+        deconv, relu, logits = (getattr(predictor, n, None) for n in ("conv5_mask", "relu", "mask_fcn_logits"))
+        return (
+            isinstance(deconv, nn.ConvTranspose2d) and isinstance(relu, nn.ReLU) and isinstance(logits, nn.Conv2d)
+            and deconv.kernel_size == (2, 2) and deconv.stride == (2, 2) and deconv.padding == (0, 0)
+            and deconv.output_padding == (0, 0) and deconv.groups == 1 and deconv.dilation == (1, 1)
+            and deconv.bias is not None and logits.kernel_size == (1, 1) and logits.groups == 1
+            and logits.bias is not None and len(predictor._modules) == 3
+        )
+
+    @classmethod
+    def from_predictor(cls, predictor: nn.Module) -> GemmMaskRCNNPredictor:
+        """The GEMM version of ``predictor``, sharing its layers (see :meth:`supports`)."""
+        if not cls.supports(predictor):
+            raise ValueError(f"{type(predictor).__name__} is not a MaskRCNNPredictor (2x2/2 deconv, ReLU, 1x1 conv)")
+        new = cls.__new__(cls)
+        # Sequential's constructor takes the existing layers; MaskRCNNPredictor's would make new ones.
+        nn.Sequential.__init__(new, OrderedDict(predictor.named_children()))
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        deconv, logits = self.conv5_mask, self.mask_fcn_logits
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and deconv.weight.requires_grad):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        mid, classes = deconv.out_channels, logits.out_channels
+        # out[n, o, 2i+a, 2j+b] = sum_c x[n, c, i, j] * W[c, o, a, b] + bias[o]: one GEMM whose rows are
+        # pixels (n, i, j) and whose columns are (a, b, o); the 1x1 conv is a second GEMM per output pixel.
+        w1 = deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * mid)
+        y = torch.addmm(deconv.bias.repeat(4), x.permute(0, 2, 3, 1).reshape(-1, c), w1).relu_()
+        z = torch.addmm(logits.bias, y.reshape(-1, mid), logits.weight.reshape(classes, mid).t())
+        z = z.reshape(n, h, w, 2, 2, classes).permute(0, 5, 1, 3, 2, 4).reshape(n, classes, 2 * h, 2 * w)
+        return upcast_reduced(z)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
+    """Paste ``(N, 1, M, M)`` mask probabilities into ``(N, 1, H, W)`` images, like torchvision's
+    ``paste_masks_in_image`` (same padding, box expansion and bilinear resize, so identical values),
+    but writing into one preallocated tensor rather than stacking ``N`` full-image copies."""
+    masks, scale = expand_masks(masks, padding=padding)
+    boxes = expand_boxes(boxes, scale).to(dtype=torch.int64)
+    im_h, im_w = image_size
+    out = masks.new_zeros((len(masks), 1, im_h, im_w))
+    for i, (bx0, by0, bx1, by1) in enumerate(boxes.tolist()):
+        w, h = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+        resized = F.interpolate(masks[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        x0, x1, y0, y1 = max(bx0, 0), min(bx1 + 1, im_w), max(by0, 0), min(by1 + 1, im_h)
+        out[i, 0, y0:y1, x0:x1] = resized[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+    return out
+
+
+class PasteMasksTransform(GeneralizedRCNNTransform):
+    """torchvision's ``GeneralizedRCNNTransform`` whose ``postprocess`` pastes masks with :func:`paste_masks`."""
+
+    @classmethod
+    def from_transform(cls, transform: GeneralizedRCNNTransform) -> PasteMasksTransform:
+        """The same resizing and normalisation as ``transform``."""
+        new = cls(transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+                  size_divisible=transform.size_divisible, fixed_size=transform.fixed_size,
+                  _skip_resize=transform._skip_resize)
+        return new.train(transform.training)
+
+    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        if self.training:
+            return result
+        for pred, size, original in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], size, original)
+            if "masks" in pred:
+                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
+            if "keypoints" in pred:
+                pred["keypoints"] = resize_keypoints(pred["keypoints"], size, original)
+        return result
