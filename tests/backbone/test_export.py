@@ -8,6 +8,14 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from backbone import build_backbone
 
+# torch deprecates TorchScript and the TorchScript-based ONNX exporter; both are still what users run.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
+
 SCRIPT_CONFIGS = {
     "resnet18": dict(name="resnet18", fpn={"out_channels": 32}),
     "resnet50-caffe-os16-p6p7_c5-gn": dict(
@@ -42,6 +50,27 @@ def test_torchscript_matches_eager(config):
     with torch.no_grad():
         assert_same(bb(x), scripted(x), atol=1e-6)
     assert bb.out_channels == (config["fpn"]["out_channels"] if config["fpn"] else bb.body.feature_info[-1].channels)
+
+
+def test_torchvision_detector_on_the_backbone_scripts():
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    bb = build_backbone("resnet18", fpn={"out_channels": 16})
+    names, strides = bb.feature_info.names(), bb.feature_info.strides()
+    anchors = AnchorGenerator(tuple((8 * s,) for s in strides), ((1.0,),) * len(names))
+    model = FasterRCNN(bb, num_classes=3, min_size=64, max_size=64, rpn_anchor_generator=anchors,
+                       box_roi_pool=MultiScaleRoIAlign(list(names[:-1]), 7, 2)).eval()
+    scripted = torch.jit.script(model)
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    with torch.no_grad():
+        expected = model(images)[0]
+        _, detections = scripted(images)
+    assert expected["boxes"].shape[0] > 0
+    for key in ("boxes", "scores", "labels"):
+        assert torch.allclose(detections[0][key].float(), expected[key].float(), atol=1e-5), key
 
 
 def test_torchscript_channels_last():
