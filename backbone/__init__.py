@@ -8,7 +8,7 @@ This package depends only on torch and torchvision and can be imported into any 
     bb.feature_info.names()         # ('p2', 'p3', 'p4', 'p5', 'p6')
     bb.feature_info.reduction()     # (4, 8, 16, 32, 64), timm's convention
     bb.output_shape()["p3"]         # ShapeSpec(channels=256, ..., stride=8), detectron2's convention
-    features = bb(images)           # OrderedDict p2..p6
+    features = bb(images)           # OrderedDict p2..p6 (a dict in TorchScript)
 """
 
 from .build import BackboneWithFPN, build_backbone, load_backbone_weights
@@ -18,7 +18,7 @@ from .fpn import FPN
 from .norm import FrozenBatchNorm2d
 from .resnet import BasicBlock, Bottleneck, ResNetBody
 from .summary import summarize
-from .weights import WeightsError, load_state_dict_checked, read_checkpoint, read_checkpoint_and_extras
+from .weights import WeightsError, is_state_dict, load_state_dict_checked, read_checkpoint, safe_load
 
 __all__ = [
     "ARCHITECTURES",
@@ -35,9 +35,10 @@ __all__ = [
     "ShapeSpec",
     "WeightsError",
     "build_backbone",
+    "is_state_dict",
     "load_backbone_weights",
     "load_state_dict_checked",
     "read_checkpoint",
-    "read_checkpoint_and_extras",
+    "safe_load",
     "summarize",
 ]

@@ -1,13 +1,13 @@
 """The one place that knows how each norm layer is made and how BN statistics are frozen."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
-__all__ = ["BN_TYPES", "FrozenBatchNorm2d", "freeze_bn_stats", "make_norm", "norm_kind"]
+from .config import NORMS
+
+__all__ = ["BN_TYPES", "NORM_LAYERS", "FrozenBatchNorm2d", "freeze_bn_stats", "make_norm", "norm_kind"]
 
 
 class FrozenBatchNorm2d(_TorchvisionFrozenBN):
@@ -26,22 +26,28 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + shift.to(x.dtype).reshape(1, -1, 1, 1)
 
 
+#: The layer class of each name in :data:`backbone.config.NORMS` (``gn`` is made with its group count).
+NORM_LAYERS: dict[str, type[nn.Module]] = {
+    "bn": nn.BatchNorm2d,
+    "frozen_bn": FrozenBatchNorm2d,
+    "gn": nn.GroupNorm,
+    "sync_bn": nn.SyncBatchNorm,
+}
+
 #: Norm layers whose statistics can be updated by training (what `norm_eval` and freezing switch off).
 BN_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def make_norm(kind: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module]:
-    """Return a factory ``channels -> norm module`` for ``kind`` in ``bn | frozen_bn | gn | sync_bn | none``.
+    """Return a factory ``channels -> norm module`` for ``kind``: one of :data:`~backbone.config.NORMS`, or ``"none"``.
 
     ``gn`` uses ``gn_groups`` groups; a channel count that ``gn_groups`` does not divide raises a
     ``ValueError`` when the layer is made, naming both numbers.
     """
-    if kind == "bn":
-        return nn.BatchNorm2d
-    if kind == "frozen_bn":
-        return FrozenBatchNorm2d
-    if kind == "sync_bn":
-        return nn.SyncBatchNorm
+    if kind == "none":
+        return lambda channels: nn.Identity()
+    if kind not in NORMS:
+        raise ValueError(f"unknown norm {kind!r}; choose one of {', '.join(NORMS)} (or 'none')")
     if kind == "gn":
 
         def group_norm(channels: int) -> nn.Module:
@@ -53,22 +59,14 @@ def make_norm(kind: str, *, gn_groups: int = 32) -> Callable[[int], nn.Module]:
             return nn.GroupNorm(gn_groups, channels)
 
         return group_norm
-    if kind == "none":
-        return lambda channels: nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}; choose one of bn, frozen_bn, gn, sync_bn")
+    return NORM_LAYERS[kind]
 
 
 def norm_kind(module: nn.Module) -> str | None:
-    """Short name of a norm module (``bn``, ``frozen_bn``, ``gn``, ``sync_bn``), or ``None`` if it is not one."""
-    if isinstance(module, _TorchvisionFrozenBN):
+    """Short name of a norm module (a :data:`~backbone.config.NORMS` entry), or ``None`` if it is not one."""
+    if isinstance(module, _TorchvisionFrozenBN):  # also torchvision's own class, which detector heads may use
         return "frozen_bn"
-    if isinstance(module, nn.SyncBatchNorm):
-        return "sync_bn"
-    if isinstance(module, nn.BatchNorm2d):
-        return "bn"
-    if isinstance(module, nn.GroupNorm):
-        return "gn"
-    return None
+    return next((kind for kind, cls in NORM_LAYERS.items() if isinstance(module, cls)), None)
 
 
 def freeze_bn_stats(module: nn.Module) -> None:

@@ -5,18 +5,24 @@ block, ``conv1``/``bn1``/.../``downsample``), so torchvision ImageNet checkpoint
 and no key conversion. The names ``c2``..``c5`` appear only in outputs and in ``feature_info``.
 """
 
-from __future__ import annotations
-
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.utils.checkpoint
+import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 
-from .config import ARCHITECTURES, LEVELS
+from .config import (
+    BLOCKS,
+    LEVELS,
+    MAX_TRAINABLE_STAGES,
+    OUTPUT_STRIDES,
+    check_choice,
+    check_levels,
+    check_trainable_stages,
+)
 from .features import FeatureInfo, FeatureSpec, ShapeSpec
 from .norm import BN_TYPES, freeze_bn_stats
 
@@ -25,25 +31,20 @@ __all__ = ["BasicBlock", "Bottleneck", "ResNetBody"]
 NormFactory = Callable[[int], nn.Module]
 
 
-def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, groups=groups, dilation=dilation, bias=False)
-
-
-def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
-
-
 def _projection(in_ch: int, out_ch: int, stride: int, norm_layer: NormFactory) -> nn.Sequential | None:
-    """1x1 projection shortcut, needed wherever the stride or the width changes."""
+    """1x1 projection shortcut, needed wherever the stride or the width changes (torchvision's ``downsample``)."""
     if stride == 1 and in_ch == out_ch:
         return None
-    return nn.Sequential(_conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
+    return nn.Sequential(tv_resnet.conv1x1(in_ch, out_ch, stride), norm_layer(out_ch))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with an identity or 1x1-projection shortcut (ResNet-18/34)."""
+class BasicBlock(tv_resnet.BasicBlock):
+    """torchvision's two-3x3-conv block (ResNet-18/34), which also takes ``dilation > 1``.
 
-    expansion = 1
+    torchvision's class refuses dilation (it raises ``NotImplementedError``), but output_stride 16
+    and 8 need it; so the block is built undilated and its two 3x3 convs get the dilation (and
+    the matching padding) before any use: same modules, keys and initialisation.
+    """
 
     def __init__(
         self,
@@ -57,37 +58,24 @@ class BasicBlock(nn.Module):
         norm_layer: NormFactory = nn.BatchNorm2d,
         stride_in_1x1: bool = False,
     ) -> None:
-        super().__init__()
-        if groups != 1 or width_per_group != 64:
-            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64 (as in torchvision)")
         del stride_in_1x1  # a basic block has no 1x1 conv; BackboneConfig rejects style='caffe' for it
-        self.conv1 = _conv3x3(in_channels, planes, stride, dilation=dilation)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes, dilation=dilation)
-        self.bn2 = norm_layer(planes)
-        self.downsample = _projection(in_channels, planes, stride, norm_layer)
-        self.out_channels = planes
+        downsample = _projection(in_channels, planes * self.expansion, stride, norm_layer)
+        super().__init__(in_channels, planes, stride, downsample, groups, width_per_group, norm_layer=norm_layer)
+        for conv in (self.conv1, self.conv2):
+            conv.dilation = conv.padding = (dilation, dilation)
+        self.out_channels = planes * self.expansion
 
     def last_norm(self) -> nn.Module:
         return self.bn2
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
 
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand, with an identity or projection shortcut.
+class Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's 1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand block.
 
     ``stride_in_1x1=False`` is torchvision's ResNet v1.5 (stride in the 3x3); ``True`` is the original
     MSRA/Caffe layout used by detectron2's ImageNet weights (stride in the first 1x1).
     """
 
-    expansion = 4
-
     def __init__(
         self,
         in_channels: int,
@@ -100,29 +88,19 @@ class Bottleneck(nn.Module):
         norm_layer: NormFactory = nn.BatchNorm2d,
         stride_in_1x1: bool = False,
     ) -> None:
-        super().__init__()
-        width = int(planes * (width_per_group / 64.0)) * groups
-        out_channels = planes * self.expansion
-        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = _conv1x1(in_channels, width, stride_1x1)
-        self.bn1 = norm_layer(width)
-        self.conv2 = _conv3x3(width, width, stride_3x3, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = _conv1x1(width, out_channels)
-        self.bn3 = norm_layer(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _projection(in_channels, out_channels, stride, norm_layer)
-        self.out_channels = out_channels
+        downsample = _projection(in_channels, planes * self.expansion, stride, norm_layer)
+        super().__init__(in_channels, planes, stride, downsample, groups, width_per_group, dilation, norm_layer)
+        if stride_in_1x1:
+            self.conv1.stride, self.conv2.stride = (stride, stride), (1, 1)
+        self.out_channels = planes * self.expansion
 
     def last_norm(self) -> nn.Module:
         return self.bn3
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+
+_BLOCK_CLASSES: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+#: Which of the stages c3, c4, c5 trade their stride for dilation (torchvision's replace_stride_with_dilation).
+_DILATED = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
 
 
 @contextmanager
@@ -161,8 +139,10 @@ def _checkpointed(block: nn.Module, x: Tensor) -> Tensor:
     return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
+# torchvision's ResNet builds all four stages and a classifier and returns only the logits; the body must
+# stop after the last requested level, name its outputs and checkpoint stages, so it is ours.
 class ResNetBody(nn.Module):
-    """A ResNet without its classifier, returning ``OrderedDict`` of C-level features.
+    """A ResNet without its classifier, returning an ``OrderedDict`` of C-level features.
 
     Args:
         block: ``"basic"`` or ``"bottleneck"``.
@@ -179,7 +159,8 @@ class ResNetBody(nn.Module):
         norm_eval: keep all BN statistics frozen (eval mode) while affine parameters train.
         zero_init_residual: initialise the last norm of each residual branch to zero.
         checkpoint_stages: levels whose blocks recompute activations in backward instead of
-            storing them (same outputs and gradients, lower peak memory).
+            storing them (same outputs and gradients, lower peak memory). Eager mode only: a
+            ``torch.jit.script`` copy runs them normally.
         base_channels: width of the stem and of the first stage's blocks (``planes``); each later
             stage doubles it. 64 is every standard ResNet; 32 gives a ResNet of half the width and
             about a quarter of the compute (no pretrained weights exist for it).
@@ -194,9 +175,12 @@ class ResNetBody(nn.Module):
         (['c3', 'c4', 'c5'], (128, 256, 512))
     """
 
+    # Declared for TorchScript, which cannot infer the type of an empty list.
+    _checkpointed: list[str]
+
     def __init__(
         self,
-        block: Literal["basic", "bottleneck"],
+        block: str,
         layers: Sequence[int],
         *,
         out_features: Sequence[str] = LEVELS,
@@ -205,62 +189,62 @@ class ResNetBody(nn.Module):
         norm_layer: NormFactory = nn.BatchNorm2d,
         stride_in_1x1: bool = False,
         output_stride: int = 32,
-        trainable_stages: int = 5,
+        trainable_stages: int = MAX_TRAINABLE_STAGES,
         norm_eval: bool = False,
         zero_init_residual: bool = False,
         checkpoint_stages: Sequence[str] = (),
         base_channels: int = 64,
     ) -> None:
         super().__init__()
-        if block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
-        if len(layers) != 4 or any(int(n) < 1 for n in layers):
+        check_choice("block", block, BLOCKS)
+        check_choice("output_stride", output_stride, OUTPUT_STRIDES)
+        check_levels("out_features", tuple(out_features), allow_empty=False)
+        check_levels("checkpoint_stages", tuple(checkpoint_stages), allow_empty=True)
+        if len(layers) != len(LEVELS) or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must give a positive block count for each of the 4 stages, got {list(layers)}")
-        unknown = [n for n in out_features if n not in LEVELS]
-        if unknown or not out_features:
-            raise ValueError(f"out_features must be a non-empty subset of {list(LEVELS)}, got {list(out_features)}")
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
-        if not 0 <= trainable_stages <= 5:
-            raise ValueError(f"trainable_stages must be in 0..5, got {trainable_stages}")
         if base_channels < 1:
             raise ValueError(f"base_channels must be a positive channel count, got {base_channels}")
-        block_cls: type[BasicBlock] | type[Bottleneck] = BasicBlock if block == "basic" else Bottleneck
-        self._out_features = tuple(n for n in LEVELS if n in out_features)
         self.norm_eval = norm_eval
-        self.checkpoint_stages = frozenset(checkpoint_stages)
-
         self.conv1 = nn.Conv2d(3, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        block_kwargs = {"groups": groups, "width_per_group": width_per_group, "norm_layer": norm_layer, "stride_in_1x1": stride_in_1x1}
+        specs = self._build_stages(_BLOCK_CLASSES[block], layers[: LEVELS.index(out_features[-1]) + 1], base_channels, output_stride, block_kwargs)
+        #: Outputs of this module, in order: (name, channels, stride).
+        self.feature_info = FeatureInfo(s for s in specs if s.name in out_features)
+        # Plain attributes for forward and for torchvision's detectors (TorchScript cannot read FeatureInfo).
+        self.out_channels: int = self.feature_info[-1].channels
+        self.size_divisibility: int = max(self.feature_info.strides())
+        self._levels: dict[str, str] = {f"layer{LEVELS.index(n) + 1}": n for n in self.feature_info.names()}
+        self._checkpointed = [f"layer{LEVELS.index(n) + 1}" for n in checkpoint_stages if LEVELS.index(n) < len(self.stage_names)]
+        self._init_weights(zero_init_residual)
+        self._frozen: list[nn.Module] = []
+        self.freeze(trainable_stages)
 
-        # Which stages trade their stride for dilation (torchvision's replace_stride_with_dilation).
-        dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
-        last_stage = LEVELS.index(self._out_features[-1])
+    # -- construction helpers -------------------------------------------------------------------
+    def _build_stages(
+        self, block_cls: type[nn.Module], layers: Sequence[int], base_channels: int, output_stride: int, block_kwargs: dict
+    ) -> list[FeatureSpec]:
+        """Add ``layer1``.. (one per entry of ``layers``) and return each stage's output spec."""
+        dilate = _DILATED[output_stride]
         in_channels, stride_so_far, dilation = base_channels, 4, 1
         specs: list[FeatureSpec] = []
         self.stage_names: list[str] = []
-        for i, (planes, num_blocks) in enumerate(zip((base_channels, 2 * base_channels, 4 * base_channels, 8 * base_channels), layers)):
-            if i > last_stage:
-                break
-            stride = 1 if i == 0 else 2
-            previous_dilation = dilation
+        for i, num_blocks in enumerate(layers):
+            planes, stride, previous_dilation = base_channels * 2**i, 1 if i == 0 else 2, dilation
             if i > 0 and dilate[i - 1]:
-                dilation *= stride
-                stride = 1
+                dilation, stride = dilation * stride, 1
             blocks = []
             for b in range(int(num_blocks)):
+                first = b == 0
                 blocks.append(
                     block_cls(
                         in_channels,
                         planes,
-                        stride=stride if b == 0 else 1,
-                        dilation=previous_dilation if b == 0 else dilation,
-                        groups=groups,
-                        width_per_group=width_per_group,
-                        norm_layer=norm_layer,
-                        stride_in_1x1=stride_in_1x1,
+                        stride=stride if first else 1,
+                        dilation=previous_dilation if first else dilation,
+                        **block_kwargs,
                     )
                 )
                 in_channels = blocks[-1].out_channels
@@ -268,14 +252,8 @@ class ResNetBody(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.stage_names.append(f"layer{i + 1}")
             specs.append(FeatureSpec(LEVELS[i], in_channels, stride_so_far))
+        return specs
 
-        #: Outputs of this module, in order: (name, channels, stride).
-        self.feature_info = FeatureInfo(s for s in specs if s.name in self._out_features)
-        self._init_weights(zero_init_residual)
-        self._frozen: list[nn.Module] = []
-        self.freeze(trainable_stages)
-
-    # -- construction helpers -------------------------------------------------------------------
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -303,29 +281,17 @@ class ResNetBody(nn.Module):
         Freezing goes through module references: parameters get ``requires_grad=False`` and BN layers
         inside frozen parts stay in eval mode after every ``.train()``.
         """
-        if not 0 <= trainable_stages <= 5:
-            raise ValueError(f"trainable_stages must be in 0..5, got {trainable_stages}")
+        check_trainable_stages(trainable_stages)
         self.trainable_stages = trainable_stages
-        # Order from the top: c5, c4, c3, c2, stem (torchvision's ["layer4", ..., "conv1"]).
-        all_parts = [self.conv1, self.bn1] + [getattr(self, f"layer{i}", None) for i in range(1, 5)]
-        frozen_count = 5 - trainable_stages  # how many of (stem, c2, c3, c4, c5) are frozen, from the bottom
-        frozen: list[nn.Module] = []
-        if frozen_count >= 1:
-            frozen += [self.conv1, self.bn1]
-        frozen += [m for m in all_parts[2 : 2 + max(frozen_count - 1, 0)] if m is not None]
-        for m in self.modules():
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(True)
-        for m in frozen:
+        # The parts from the bottom (stem, c2, c3, c4, c5); the lowest 5 - trainable_stages are frozen.
+        frozen_parts = self.stages()[: MAX_TRAINABLE_STAGES - trainable_stages]
+        self.requires_grad_(True)
+        self._frozen = [m for _, modules in frozen_parts for m in modules]
+        for m in self._frozen:
             m.requires_grad_(False)
-        self._frozen = frozen
         self.train(self.training)
 
-    def is_frozen(self, module: nn.Module) -> bool:
-        """Whether ``module`` lies inside a frozen part."""
-        return any(module is f or any(module is sub for sub in f.modules()) for f in self._frozen)
-
-    def train(self, mode: bool = True) -> ResNetBody:
+    def train(self, mode: bool = True) -> "ResNetBody":
         super().train(mode)
         if mode:
             for m in self._frozen:
@@ -334,42 +300,29 @@ class ResNetBody(nn.Module):
                 freeze_bn_stats(self)
         return self
 
-    # -- the conventions users know --------------------------------------------------------------
-    @property
-    def out_channels(self) -> int:
-        """torchvision convention: channels of the last (coarsest) output."""
-        return self.feature_info[-1].channels
-
     def output_shape(self) -> dict[str, ShapeSpec]:
         """detectron2 convention: ``{name: ShapeSpec(channels, stride)}``."""
         return self.feature_info.output_shape()
 
-    @property
-    def size_divisibility(self) -> int:
-        """detectron2 convention: input sizes divisible by this keep every output aligned to the input grid."""
-        return max(self.feature_info.strides())
-
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        outputs: OrderedDict[str, Tensor] = OrderedDict()
-        grad = torch.is_grad_enabled() and self.training
-        for i, name in enumerate(self.stage_names):
-            level = LEVELS[i]
-            stage: nn.Sequential = getattr(self, name)
-            if grad and level in self.checkpoint_stages and any(p.requires_grad for p in stage.parameters()):
-                for block in stage:
-                    x = _checkpointed(block, x)
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        outputs: dict[str, Tensor] = OrderedDict()
+        # The children in registration order are the network in order: conv1, bn1, relu, maxpool, layer1..
+        for name, module in self.named_children():
+            if name in self._checkpointed and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = self._run_checkpointed(name, x)
             else:
-                x = stage(x)
-            if level in self._out_features:
-                outputs[level] = x
+                x = module(x)
+            if name in self._levels:
+                outputs[self._levels[name]] = x
         return outputs
 
-
-def resnet_spec(name: str) -> tuple[str, tuple[int, int, int, int], int, int]:
-    """``(block, layers, groups, width_per_group)`` for a named variant; raises ``ValueError`` listing names."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown ResNet name {name!r}; choose one of {list(ARCHITECTURES)}")
-    spec = ARCHITECTURES[name]
-    return spec.block, spec.layers, spec.groups, spec.width_per_group
+    @torch.jit.unused
+    def _run_checkpointed(self, name: str, x: Tensor) -> Tensor:
+        """Run stage ``name`` with activation checkpointing, block by block (eager mode only)."""
+        stage: nn.Sequential = getattr(self, name)
+        if not any(p.requires_grad for p in stage.parameters()):
+            return stage(x)  # a frozen stage stores no activations for backward anyway
+        for block in stage:
+            x = _checkpointed(block, x)
+        return x

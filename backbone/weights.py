@@ -1,15 +1,13 @@
-"""Resolve and load weights: local checkpoint files or torchvision weight names, always ``weights_only``.
+"""Read and load backbone weights: local state-dict files or torchvision weight names, always ``weights_only``.
 
-Every load goes through :func:`read_checkpoint`, which calls ``torch.load(..., weights_only=True)``, so
-a checkpoint can never run code. Key and shape mismatches are reported by name, with both shapes, and
-the file they came from.
+Every file is read by :func:`safe_load`, which calls ``torch.load(..., weights_only=True)``, so a
+checkpoint can never run code. Key and shape mismatches are reported by name, with both shapes, and
+the file they came from. The backbone reads plain state dicts (torchvision's ImageNet files);
+checkpoint formats that wrap one belong to their readers (``detection.weights`` for detectors).
 """
-
-from __future__ import annotations
 
 import os
 import pickle
-import socket
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,12 +15,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .config import LEVELS
+
 __all__ = [
     "WeightsError",
+    "is_state_dict",
+    "load_backbone_weights",
     "load_state_dict_checked",
+    "load_torchvision_weights",
     "read_checkpoint",
-    "read_checkpoint_and_extras",
     "resolve_torchvision_weights",
+    "safe_load",
 ]
 
 _MAX_LISTED = 5
@@ -32,58 +35,85 @@ class WeightsError(RuntimeError):
     """A weights file could not be read, or does not fit the model."""
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a state dict from ``path`` with ``torch.load(weights_only=True)``.
+def _truncated(path: Path, detail: str) -> WeightsError:
+    return WeightsError(f"{path}: truncated PyTorch checkpoint ({detail}): the file was cut short; copy or download it again")
 
-    Accepts a plain state dict (torchvision's format), or a dict that holds one under ``"model"``,
-    ``"state_dict"`` or ``"model_state"`` (our training checkpoints, and common trainer formats).
+
+def _refused(path: Path) -> WeightsError:
+    try:
+        found = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
+    except Exception:  # the listing is a courtesy; the refusal stands without it
+        found = "unknown"
+    return WeightsError(
+        f"{path}: refused to load: the file holds Python objects ({found}), not only tensors and plain containers, "
+        "and unpickling them could run code. List them without running anything: "
+        f"python -c \"import torch; print(torch.serialization.get_unsafe_globals_in_checkpoint('{path}'))\"; "
+        "if you trust the file, load it with torch.load(weights_only=False) and re-save only its state dict"
+    )
+
+
+def safe_load(path: str | os.PathLike[str]) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what is wrong.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        WeightsError: the file is truncated, not a PyTorch file, unsafe to unpickle, or holds no state dict.
+        WeightsError: the file is truncated, not a PyTorch file, or holds Python objects that
+            unpickling could run code for (the message lists them and how to inspect the file).
     """
-    return read_checkpoint_and_extras(path)[0]
-
-
-def read_checkpoint_and_extras(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, object]]:
-    """Like :func:`read_checkpoint`, also returning the file's other top-level entries (for a training
-    checkpoint: ``config``, ``categories``, ``iteration``...; empty for a plain state dict)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive; files from torch < 1.6 are raw pickles (protocol byte 0x80).
-    if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise _truncated(path, "its zip archive has no end record")
+    if not head.startswith((b"PK", b"\x80")):
         raise WeightsError(
-            f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file): it starts with "
-            f"{head!r}, while torch.save writes a zip archive starting with b'PK'"
+            f"{path}: not a PyTorch checkpoint: it starts with {head!r}, while torch.save writes a zip archive "
+            "starting with b'PK'"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc) and "Unsupported class" not in str(exc):
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file): {exc}") from exc
-        raise WeightsError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain containers, and loading "
-            f"it could run code (torch.load weights_only=True). Re-save just the state dict. Detail: {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise WeightsError(
-            f"{path}: not a readable PyTorch checkpoint (truncated, or another kind of file): {type(exc).__name__}: {exc}"
-        ) from exc
+        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+            raise _refused(path) from exc
+        if "truncated" in str(exc):
+            raise _truncated(path, str(exc)) from exc
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint: {exc}") from exc
+    except (EOFError, zipfile.BadZipFile) as exc:
+        raise _truncated(path, f"{type(exc).__name__}: {exc}") from exc
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def is_state_dict(obj: object) -> bool:
+    """Whether ``obj`` is a non-empty mapping of parameter names to tensors."""
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a plain state dict (torchvision's ImageNet format) from ``path`` with :func:`safe_load`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        WeightsError: unreadable or unsafe file, or not a plain state dict (a training or detector
+            checkpoint that wraps one is named as such, with what to do instead).
+    """
+    obj = safe_load(path)
+    if is_state_dict(obj):
+        return dict(obj)
     if isinstance(obj, Mapping):
-        for key in ("model", "state_dict", "model_state"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                return dict(inner), {k: v for k, v in obj.items() if k != key}
-        if obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-            return dict(obj), {}
+        wrapped = next((k for k in ("model", "state_dict") if is_state_dict(obj.get(k))), None)
+        if wrapped is not None:
+            raise WeightsError(
+                f"{path}: a training or detector checkpoint (its state dict is under {wrapped!r}), not backbone weights; "
+                "the backbone reads a plain state dict such as torchvision's ImageNet files. Load a detector "
+                f"checkpoint into the detector (detection.load_weights), or save the part you need: "
+                f"torch.save(checkpoint[{wrapped!r}], 'weights.pth')"
+            )
         keys = list(obj)[:_MAX_LISTED]
-        raise WeightsError(
-            f"{path}: expected a state dict (parameter name -> tensor) or a dict holding one under 'model' or "
-            f"'state_dict'; found a dict with keys {keys}"
-        )
+        raise WeightsError(f"{path}: expected a state dict (parameter name -> tensor); found a dict with keys {keys}")
     raise WeightsError(f"{path}: expected a state dict (parameter name -> tensor), found a {type(obj).__name__}")
 
 
@@ -153,7 +183,7 @@ def resolve_torchvision_weights(arch: str, name: str) -> tuple[str, str]:
         if type(weights) is not enum_cls:
             raise ValueError(f"weights {name!r} belong to another model; {arch} takes {enum_cls.__name__}.*")
     else:
-        members = [m for m in enum_cls.__members__]
+        members = list(enum_cls.__members__)
         if name not in members:
             raise ValueError(
                 f"unknown weights {name!r} for {arch}; torchvision offers {members}, or pass a local file path"
@@ -162,28 +192,52 @@ def resolve_torchvision_weights(arch: str, name: str) -> tuple[str, str]:
     return f"{enum_cls.__name__}.{weights.name}", weights.url
 
 
-def fetch_torchvision_weights(arch: str, name: str, *, timeout_s: float = 20.0) -> Path:
-    """Return the local file of a torchvision weights name, downloading it into torch's cache if needed.
+def load_torchvision_weights(arch: str, name: str) -> tuple[dict[str, Tensor], str]:
+    """The state dict of a torchvision weights name, and where it came from.
+
+    ``torch.hub.load_state_dict_from_url`` reads it from torch's cache (``$TORCH_HOME/hub/checkpoints``)
+    or downloads it there, checking the hash in the file name.
 
     Raises:
-        WeightsError: the file is not cached and cannot be downloaded; the message says how to pass a
-            local file instead.
+        WeightsError: the file is not cached and cannot be downloaded (the message says where to put
+            it, or how to pass a local file instead), or the cached file cannot be read.
     """
     qualified, url = resolve_torchvision_weights(arch, name)
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if cache.is_file():
-        return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout_s)
+    file_name = os.path.basename(url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
     try:
-        torch.hub.download_url_to_file(url, str(cache), progress=True)
+        state_dict = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=True, check_hash=True, weights_only=True
+        )
     except Exception as exc:  # network errors come in many types (URLError, OSError, ssl, timeout)
+        if cached.is_file():
+            raise WeightsError(
+                f"{cached}: the cached torchvision weights {qualified} cannot be read ({type(exc).__name__}: {exc}); "
+                "delete the file to download it again"
+            ) from exc
         raise WeightsError(
             f"could not download torchvision weights {qualified} from {url} ({type(exc).__name__}: {exc}). "
-            f"This machine looks offline. Download the file where there is network access and either pass its "
-            f"path (weights: /path/to/{os.path.basename(url)}) or copy it to {cache} and keep the name."
+            f"Without network access, download the file elsewhere and either pass its path "
+            f"(weights: /path/to/{file_name}) or copy it to {cached} and keep the name."
         ) from exc
-    finally:
-        socket.setdefaulttimeout(previous)
-    return cache
+    if not is_state_dict(state_dict):
+        raise WeightsError(f"{cached}: expected a state dict (parameter name -> tensor) for {qualified}")
+    return dict(state_dict), str(cached)
+
+
+def load_backbone_weights(body: nn.Module, name: str, weights: str | os.PathLike[str]) -> None:
+    """Load ImageNet weights into a :class:`~backbone.resnet.ResNetBody`: a local file or a torchvision weights name.
+
+    A local file must hold a plain state dict in torchvision's format. The classifier (``fc.*``) and
+    stages the body does not build are skipped; everything else must match exactly (strict), or a
+    :class:`WeightsError` lists the offending keys.
+    """
+    text = os.fspath(weights)
+    looks_like_path = os.sep in text or text.endswith((".pth", ".pt", ".bin", ".ckpt")) or text.startswith("~")
+    if Path(text).expanduser().is_file() or looks_like_path:
+        source = str(Path(text).expanduser())
+        state_dict = read_checkpoint(source)
+    else:
+        state_dict, source = load_torchvision_weights(name, text)
+    unbuilt = tuple(f"layer{i + 1}." for i in range(len(body.stage_names), len(LEVELS)))
+    load_state_dict_checked(body, state_dict, source=source, ignore_prefixes=("fc.",) + unbuilt)

@@ -6,19 +6,44 @@ import os
 from collections.abc import Mapping
 
 from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from backbone import load_state_dict_checked, read_checkpoint, read_checkpoint_and_extras
+from backbone import WeightsError, is_state_dict, load_state_dict_checked, safe_load
 
 __all__ = ["load_weights", "num_classes_in_state_dict", "read_detector_checkpoint"]
+
+#: Where checkpoints that carry more than weights keep their state dict (ours: "model").
+_WRAPPER_KEYS = ("model", "state_dict")
 
 
 def read_detector_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, object]]:
     """The state dict of a detector file and the file's other top-level entries.
 
     A torchvision detector file is a plain state dict (no extras); a training checkpoint of ours
-    holds it under ``"model"``, next to ``config``, ``categories``, ``iteration``...
+    holds it under ``"model"``, next to ``config``, ``categories``, ``iteration``... (other trainers
+    use ``"state_dict"``). The file is read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        backbone.WeightsError: unreadable or unsafe file, or no state dict in it.
     """
-    return read_checkpoint_and_extras(path)
+    obj = safe_load(path)
+    return _unwrap(obj, source=os.fspath(path))
+
+
+def _unwrap(obj: object, *, source: str) -> tuple[dict[str, Tensor], dict[str, object]]:
+    """``(state dict, other entries)`` of a plain state dict or of a dict holding one under "model" / "state_dict"."""
+    if is_state_dict(obj):
+        return dict(obj), {}
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if is_state_dict(obj.get(key)):
+                return dict(obj[key]), {k: v for k, v in obj.items() if k != key}
+        raise WeightsError(
+            f"{source}: expected a state dict (parameter name -> tensor) or a dict holding one under 'model' or "
+            f"'state_dict'; found a dict with keys {list(obj)[:5]}"
+        )
+    raise WeightsError(f"{source}: expected a state dict (parameter name -> tensor), found a {type(obj).__name__}")
 
 
 def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike[str] | Mapping[str, Tensor]) -> nn.Module:
@@ -29,7 +54,7 @@ def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike[str] | 
         path_or_state_dict: a state dict, or a file holding one: torchvision's published detector
             checkpoints (for example ``fasterrcnn_resnet50_fpn_coco-258fb6c6.pth``, including their
             pre-0.13 FPN key layout), ``model.state_dict()`` of a torchvision detector, or a
-            training checkpoint of ours (the state dict under ``"model"``). Files are read with
+            training checkpoint of ours (the state dict under ``"model"``, or ``"state_dict"``). Files are read with
             ``torch.load(weights_only=True)``. A ``module.`` prefix (saved from a
             ``DistributedDataParallel`` wrapper) is removed.
 
@@ -47,15 +72,11 @@ def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike[str] | 
     """
     if isinstance(path_or_state_dict, Mapping):
         source = "the given state dict"
-        state_dict = dict(path_or_state_dict)
-        inner = state_dict.get("model")
-        if isinstance(inner, Mapping):
-            state_dict = dict(inner)
+        state_dict, _ = _unwrap(path_or_state_dict, source=source)
     else:
         source = os.fspath(path_or_state_dict)
-        state_dict = read_checkpoint(path_or_state_dict)
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+        state_dict, _ = read_detector_checkpoint(path_or_state_dict)
+    consume_prefix_in_state_dict_if_present(state_dict, "module.")
     load_state_dict_checked(model, state_dict, source=source)
     return model
 

@@ -113,12 +113,28 @@ def test_legacy_torchvision_fpn_keys_are_renamed_on_load():
 
 def test_wrong_input_channels_name_the_level():
     fpn = FPN(FeatureInfo([("c4", 32, 16), ("c5", 64, 32)]), 16)
-    with pytest.raises(ValueError, match=re.escape("FPN input 'c5' should be [N, 64, H, W] as declared when the FPN was built, got shape [1, 63, 2, 2]")):
+    message = "FPN input 'c5' should be [N, 64, H, W] as declared when the FPN was built"
+    with pytest.raises(AssertionError, match=re.escape(message)):
         fpn({"c4": torch.randn(1, 32, 4, 4), "c5": torch.randn(1, 63, 2, 2)})
-    with pytest.raises(KeyError, match=re.escape("FPN input lacks ['c5']; it received ['c4']")):
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        fpn({"c4": torch.randn(1, 32, 4, 4), "c5": torch.randn(64, 2, 2)})
+    with pytest.raises(KeyError, match=re.escape("FPN input lacks 'c5'; it received ['c4']")):
         fpn({"c4": torch.randn(1, 32, 4, 4)})
 
 
 def test_p6p7_from_c5_needs_c5():
     with pytest.raises(ValueError, match=re.escape("fpn.extra='p6p7_c5' computes P6 from C5, so out_features must end with 'c5'")):
         build_backbone("resnet18", out_features=("c3", "c4"), fpn={"extra": "p6p7_c5"})
+
+
+@pytest.mark.parametrize(("extra", "source"), [("p6p7_c5", "c5"), ("p6p7_p5", "p5")])
+def test_p6_comes_from_the_named_level_even_when_c5_is_as_wide_as_the_fpn(extra, source):
+    # A half-width ResNet-18 has a 256-channel C5: torchvision would infer "from P5" from the widths.
+    bb = build_backbone("resnet18", base_channels=32, out_features=("c3", "c4", "c5"), fpn={"extra": extra}).eval()
+    assert bb.body.out_channels == bb.out_channels == 256
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        c5 = bb.body(x)["c5"]
+        out = bb(x)
+        expected = bb.fpn.extra_blocks.p6(c5 if source == "c5" else out["p5"])
+    assert torch.equal(out["p6"], expected)

@@ -10,6 +10,7 @@ from torch import nn
 from backbone import ARCHITECTURES, FrozenBatchNorm2d, ResNetBody, build_backbone
 
 ALL_NAMES = list(ARCHITECTURES)
+FROZEN_RANDOM_STAGES = "ignore:trainable_stages=.* without weights freezes randomly initialised stages:UserWarning"
 
 
 def assert_contract(module: nn.Module, x: torch.Tensor) -> dict:
@@ -153,6 +154,7 @@ def frozen_modules(body: ResNetBody) -> dict[str, bool]:
         (5, set()),
     ],
 )
+@pytest.mark.filterwarnings(FROZEN_RANDOM_STAGES)
 def test_trainable_stages_torchvision_semantics(trainable, frozen):
     body = build_backbone("resnet18", fpn=False, norm="bn", trainable_stages=trainable).body
     state = frozen_modules(body)
@@ -163,6 +165,7 @@ def test_trainable_stages_torchvision_semantics(trainable, frozen):
         assert p.requires_grad == any(name.startswith(layer) for layer in layers_to_train), name
 
 
+@pytest.mark.filterwarnings(FROZEN_RANDOM_STAGES)
 def test_frozen_bn_stays_in_eval_after_every_train_call():
     body = build_backbone("resnet18", fpn=False, norm="bn", trainable_stages=2).body
     for _ in range(2):
