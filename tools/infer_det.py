@@ -15,6 +15,7 @@ input files, with their sizes). Exit status 0 on success, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from detection.cli import add_config_arguments, config_from_args, run_main
@@ -34,18 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _labels(extras: dict, num_classes: int) -> tuple[list[str], object]:
-    """Class names by label, and label -> category id: from our checkpoint's stored mapping; for a
-    91-class torchvision COCO model, labels are COCO category ids already."""
+def _labels(extras: dict, num_classes: int, weights: str) -> tuple[list[str], Callable[[int], int]]:
+    """Class names by label, and label -> category id, from the checkpoint's stored category mapping.
+
+    Without one (e.g. a torchvision checkpoint), labels are named ``class i`` and written as category id
+    ``i``; one line says so.
+    """
     if extras.get("categories"):
         from detection.data import CategoryMapping
 
         mapping = CategoryMapping.from_state_dict(extras["categories"])
         return list(mapping.names), mapping.to_cat_id
-    if num_classes == 91:
-        from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
-
-        return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]), int
+    k = num_classes - 1
+    print(f"{weights}: no category mapping stored; labels are named 'class 1'..'class {k}' and written as category ids 1..{k}")
     return ["__background__"] + [f"class {i}" for i in range(1, num_classes)], int
 
 
@@ -53,16 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        import json
-
         import torch
 
-        from backbone import read_checkpoint_and_extras
-        from detection.coco_eval import predictions_to_coco_results
+        from detection.coco_eval import predictions_to_coco_results, write_results
         from detection.data import read_rgb_image
+        from detection.io import atomic_write_json
         from detection.trainer import build_model, select_device
         from detection.visualize import draw_predictions, save_image
-        from detection.weights import load_weights, num_classes_in_state_dict
+        from detection.weights import load_weights, num_classes_in_state_dict, read_detector_checkpoint
 
         cfg = config_from_args(args)
         source = Path(args.input)
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             files = [source]
         else:
             raise FileNotFoundError(f"--input: no such file or folder: {source}")
-        state_dict, extras = read_checkpoint_and_extras(args.weights)
+        state_dict, extras = read_detector_checkpoint(args.weights)
         num_classes = cfg.model.num_classes or num_classes_in_state_dict(state_dict)
         if num_classes is None:
             from detection.config import ConfigError
 
             raise ConfigError(f"{args.weights}: cannot tell the number of classes; set model.num_classes")
-        names, label_to_cat_id = _labels(extras, num_classes)
+        names, label_to_cat_id = _labels(extras, num_classes, args.weights)
         device = select_device(cfg.train.device)
         model = build_model(cfg, num_classes)
         load_weights(model, state_dict)
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             results += predictions_to_coco_results(image_id, out, label_to_cat_id)
             images.append({"id": image_id, "file_name": str(path), "height": array.shape[0], "width": array.shape[1]})
             print(f"{path}: {int(keep.sum())} detection(s) -> {out_dir / (path.stem + '.png')}")
-        (out_dir / "results.json").write_text(json.dumps(results))
-        (out_dir / "images.json").write_text(json.dumps({"images": images, "class_names": names}, indent=1))
+        write_results(out_dir / "results.json", results)
+        atomic_write_json(out_dir / "images.json", {"images": images, "class_names": names}, indent=1)
         print(f"wrote {out_dir / 'results.json'} ({len(results)} detections on {len(files)} image(s))")
         return 0
 
