@@ -172,18 +172,9 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def image_info(self, index: int) -> dict[str, Any]:
-        """``{"id", "file_name", "height", "width"}`` of the image at ``index`` (from the JSON)."""
-        r = self._records[index]
-        return {"id": r.image_id, "file_name": r.file_name, "height": r.height, "width": r.width}
-
     def image_sizes(self) -> list[tuple[int, int]]:
         """``(height, width)`` of every image in index order, read from the JSON (no image is opened)."""
         return [(r.height, r.width) for r in self._records]
-
-    def image_path(self, index: int) -> Path:
-        """Path of the image file at ``index``."""
-        return self.img_dir / self._records[index].file_name
 
     # -- item loading --------------------------------------------------------------------------------------
 

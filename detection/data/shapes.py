@@ -328,18 +328,9 @@ def make_shapes_dataset(
         file_name = f"{image_id:06d}.{image_format}"
         _save_image(pixels, out_dir / "images" / file_name, image_format)
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-        for obj in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": obj["category_id"],
-                    "segmentation": obj["segmentation"],
-                    "area": float(np.count_nonzero(obj["mask"])),
-                    "bbox": _mask_bbox_xywh(obj["mask"]),
-                    "iscrowd": 0,
-                }
-            )
+        annotations += [
+            _coco_annotation(len(annotations) + k + 1, image_id, o) for k, o in enumerate(objects)
+        ]
     data = {
         "info": _info(settings, seed, height, width),
         "licenses": [],
@@ -350,6 +341,18 @@ def make_shapes_dataset(
     ann_file = out_dir / "annotations" / "instances.json"
     ann_file.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
     return ann_file
+
+
+def _coco_annotation(ann_id: int, image_id: int, obj: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": obj["category_id"],
+        "segmentation": obj["segmentation"],
+        "area": float(np.count_nonzero(obj["mask"])),
+        "bbox": _mask_bbox_xywh(obj["mask"]),
+        "iscrowd": 0,
+    }
 
 
 def _save_image(pixels: np.ndarray, path: Path, image_format: str) -> None:

@@ -116,7 +116,8 @@ def test_generator_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=re.escape("image_size must be >= 16 pixels; got 8")):
         make_shapes_dataset(tmp_path, num_images=1, image_size=(8, 40), seed=0)
     with pytest.raises(
-        ValueError, match=re.escape("size_range must be [low, high] with 0 < low <= high <= 1; got [0.5, 0.2]")
+        ValueError,
+        match=re.escape("size_range must be [low, high] with 0 < low <= high <= 1; got [0.5, 0.2]"),
     ):
         make_shapes_dataset(tmp_path, num_images=1, image_size=32, seed=0, size_range=(0.5, 0.2))
     with pytest.raises(ValueError, match=re.escape("num_images must be >= 1, got 0")):
