@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torchvision.ops import box_convert, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_convert
 
 from .categories import CategoryMapping
 from .errors import DatasetError
@@ -180,8 +180,11 @@ class ImageRecord(NamedTuple):
     segmentations: tuple[Any, ...]
 
 
-def _clipped_xyxy(path: Path, anns: Sequence[dict[str, Any]], height: int, width: int) -> torch.Tensor:
-    """COCO xywh boxes -> float64 xyxy clipped to the image; ``DatasetError`` for a malformed bbox."""
+def _clipped_xyxy(path: Path, anns: Sequence[dict[str, Any]], sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+    """COCO xywh boxes -> float64 xyxy clipped to their image (``sizes``: its (height, width) per box).
+
+    ``DatasetError`` names the first annotation whose bbox is not 4 finite numbers.
+    """
     values = []
     for ann in anns:
         bbox = ann["bbox"]
@@ -195,36 +198,38 @@ def _clipped_xyxy(path: Path, anns: Sequence[dict[str, Any]], height: int, width
                 "[x, y, width, height] with 4 finite numbers"
             )
         values.append(box)
-    boxes = torch.tensor(values, dtype=torch.float64).reshape(-1, 4)
-    return clip_boxes_to_image(box_convert(boxes, "xywh", "xyxy"), (height, width))
+    boxes = box_convert(torch.tensor(values, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy").numpy()
+    # Clipped here, for the whole file at once: torchvision's clip_boxes_to_image takes one image size.
+    wh = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)[:, ::-1]
+    return np.minimum(np.maximum(boxes, 0.0), np.concatenate([wh, wh], axis=1))
 
 
 def _image_record(
-    path: Path, img: dict[str, Any], anns: list[dict[str, Any]], categories: CategoryMapping, with_masks: bool
-) -> tuple[ImageRecord, int]:
-    """The record of one image from its annotations, and how many annotations were dropped as too small."""
+    path: Path,
+    img: dict[str, Any],
+    anns: list[dict[str, Any]],
+    boxes: np.ndarray,
+    categories: CategoryMapping,
+    with_masks: bool,
+) -> ImageRecord:
+    """The record of one image from its kept annotations and their clipped float64 xyxy ``boxes``."""
     height, width = int(img["height"]), int(img["width"])
-    boxes = _clipped_xyxy(path, anns, height, width)
-    keep = remove_small_boxes(boxes, _MIN_BOX_SIZE).tolist()
-    kept = [anns[i] for i in keep]
-    boxes = boxes[keep]
     if with_masks:
-        for ann in kept:
+        for ann in anns:
             _check_segmentation(path, ann, height, width)
     box_areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
-    record = ImageRecord(
+    return ImageRecord(
         image_id=int(img["id"]),
         file_name=str(img["file_name"]),
         height=height,
         width=width,
-        boxes=boxes.numpy().astype(np.float32).reshape(-1, 4),
-        labels=np.asarray([categories.to_label(a["category_id"]) for a in kept], dtype=np.int64),
-        areas=np.asarray([float(a.get("area", s)) for a, s in zip(kept, box_areas)], dtype=np.float32),
-        iscrowd=np.asarray([int(bool(a.get("iscrowd", 0))) for a in kept], dtype=np.int64),
-        ann_ids=tuple(int(a["id"]) for a in kept),
-        segmentations=tuple(a.get("segmentation") for a in kept),
+        boxes=boxes.astype(np.float32).reshape(-1, 4),
+        labels=np.asarray([categories.to_label(a["category_id"]) for a in anns], dtype=np.int64),
+        areas=np.asarray([float(a.get("area", s)) for a, s in zip(anns, box_areas)], dtype=np.float32),
+        iscrowd=np.asarray([int(bool(a.get("iscrowd", 0))) for a in anns], dtype=np.int64),
+        ann_ids=tuple(int(a["id"]) for a in anns),
+        segmentations=tuple(a.get("segmentation") for a in anns),
     )
-    return record, len(anns) - len(kept)
 
 
 def build_records(
@@ -238,21 +243,32 @@ def build_records(
 ) -> tuple[list[ImageRecord], str]:
     """Records of every image sorted by id, and a one-line report of the dropped boxes ("" if none).
 
-    ``train`` drops crowd annotations and, with ``filter_empty``, images left without annotations.
+    ``train`` drops crowd annotations and, with ``filter_empty``, images left without annotations. Boxes
+    narrower or shorter than 1 px after clipping are dropped with their annotation.
     """
     anns_by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in data["images"]}
     for ann in data["annotations"]:
         if not (train and ann.get("iscrowd", 0)):
             anns_by_image[ann["image_id"]].append(ann)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    flat = [ann for img in images for ann in anns_by_image[img["id"]]]
+    sizes = [(int(img["height"]), int(img["width"])) for img in images for _ in anns_by_image[img["id"]]]
+    boxes = _clipped_xyxy(path, flat, sizes)
+    keep = (boxes[:, 2] - boxes[:, 0] >= _MIN_BOX_SIZE) & (boxes[:, 3] - boxes[:, 1] >= _MIN_BOX_SIZE)
     records = []
-    n_dropped, images_touched = 0, 0
-    for img in sorted(data["images"], key=lambda im: im["id"]):
-        record, dropped = _image_record(path, img, anns_by_image[img["id"]], categories, with_masks)
-        n_dropped += dropped
-        images_touched += bool(dropped)
+    start, images_touched = 0, 0
+    for img in images:
+        anns = anns_by_image[img["id"]]
+        kept = np.flatnonzero(keep[start : start + len(anns)])
+        images_touched += len(kept) < len(anns)
+        record = _image_record(
+            path, img, [anns[i] for i in kept], boxes[start + kept], categories, with_masks
+        )
+        start += len(anns)
         if not (train and filter_empty and len(record.boxes) == 0):
             records.append(record)
     report = ""
+    n_dropped = int(len(keep) - keep.sum())
     if n_dropped:
         report = (
             f"{path}: dropped {n_dropped} annotation(s) in {images_touched} image(s) whose box is "
