@@ -209,21 +209,21 @@ def _image_record(
     img: dict[str, Any],
     anns: list[dict[str, Any]],
     boxes: np.ndarray,
+    box_areas: list[float],
     categories: CategoryMapping,
     with_masks: bool,
 ) -> ImageRecord:
-    """The record of one image from its kept annotations and their clipped float64 xyxy ``boxes``."""
+    """The record of one image from its kept annotations, their clipped xyxy ``boxes`` and box areas."""
     height, width = int(img["height"]), int(img["width"])
     if with_masks:
         for ann in anns:
             _check_segmentation(path, ann, height, width)
-    box_areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
     return ImageRecord(
         image_id=int(img["id"]),
         file_name=str(img["file_name"]),
         height=height,
         width=width,
-        boxes=boxes.astype(np.float32).reshape(-1, 4),
+        boxes=boxes,
         labels=np.asarray([categories.to_label(a["category_id"]) for a in anns], dtype=np.int64),
         areas=np.asarray([float(a.get("area", s)) for a, s in zip(anns, box_areas)], dtype=np.float32),
         iscrowd=np.asarray([int(bool(a.get("iscrowd", 0))) for a in anns], dtype=np.int64),
@@ -254,15 +254,19 @@ def build_records(
     flat = [ann for img in images for ann in anns_by_image[img["id"]]]
     sizes = [(int(img["height"]), int(img["width"])) for img in images for _ in anns_by_image[img["id"]]]
     boxes = _clipped_xyxy(path, flat, sizes)
-    keep = (boxes[:, 2] - boxes[:, 0] >= _MIN_BOX_SIZE) & (boxes[:, 3] - boxes[:, 1] >= _MIN_BOX_SIZE)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (widths >= _MIN_BOX_SIZE) & (heights >= _MIN_BOX_SIZE)
+    areas, boxes = widths * heights, boxes.astype(np.float32)
     records = []
     start, images_touched = 0, 0
     for img in images:
         anns = anns_by_image[img["id"]]
         kept = np.flatnonzero(keep[start : start + len(anns)])
         images_touched += len(kept) < len(anns)
+        rows = start + kept
+        kept_anns = [anns[i] for i in kept]
         record = _image_record(
-            path, img, [anns[i] for i in kept], boxes[start + kept], categories, with_masks
+            path, img, kept_anns, boxes[rows], areas[rows].tolist(), categories, with_masks
         )
         start += len(anns)
         if not (train and filter_empty and len(record.boxes) == 0):
