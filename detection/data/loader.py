@@ -1,4 +1,23 @@
-"""``build_dataloader``: dataset + aspect-ratio batch sampler + collate + seeded workers in one call."""
+"""``build_dataloader``: dataset + aspect-ratio batch sampler + collate + seeded workers in one call.
+
+Training loaders shuffle per epoch and give every rank the same number of batches (indices are repeated
+to pad, as ``DistributedSampler`` does). Evaluation loaders keep index order, never shuffle and do not pad
+(each image goes to exactly one rank); with aspect-ratio grouping they still group landscape and portrait
+images, which reorders them a little (the evaluator keys results by image id).
+
+Call ``loader.batch_sampler.set_epoch(epoch)`` before each training epoch, or ``set_epoch(epoch,
+start_batch=k)`` to resume after ``k`` batches (``len(loader)`` follows). Each sample's augmentation seed
+comes from ``(seed, epoch, rank, position in the epoch)``, so it depends neither on ``num_workers`` nor on
+where an epoch was resumed. Worker processes are persistent and get ``random``/``numpy``/``torch`` seeded
+from ``(seed, rank)``.
+
+Example::
+
+    loader = build_dataloader(train_set, batch_size=4, train=True, num_workers=2, seed=42)
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        for images, targets, skipped in loader: ...
+"""
 
 from __future__ import annotations
 
@@ -27,17 +46,8 @@ def build_dataloader(
 ) -> DataLoader:
     """Data loader yielding :class:`~detection.data.sampler.Batch` ``(images, targets, skipped)``.
 
-    Training loaders shuffle per epoch and give every rank the same number of batches (indices are
-    repeated to pad, as ``DistributedSampler`` does). Evaluation loaders keep index order, never shuffle
-    and do not pad (each image goes to exactly one rank); with ``aspect_ratio_grouping`` they still group
-    landscape and portrait images, which reorders them a little (the evaluator keys results by image id).
-
-    The loader's ``batch_sampler`` is an :class:`~detection.data.sampler.AspectRatioBatchSampler`: call
-    ``loader.batch_sampler.set_epoch(epoch)`` before each training epoch, or ``set_epoch(epoch,
-    start_batch=k)`` to resume after ``k`` batches (``len(loader)`` follows). Each sample's augmentation
-    seed comes from ``(seed, epoch, rank, position in the epoch)``, so it depends neither on
-    ``num_workers`` nor on where an epoch was resumed. Worker processes are persistent and get
-    ``random``/``numpy``/``torch`` seeded from ``(seed, rank)``.
+    Its ``batch_sampler`` is an :class:`~detection.data.sampler.AspectRatioBatchSampler` (see the module
+    docstring for training vs evaluation loaders, seeding and resuming).
 
     Args:
         dataset: a map-style dataset taking ``(index, seed)`` tuples, with ``image_sizes() -> [(h, w)]``
@@ -51,13 +61,6 @@ def build_dataloader(
         aspect_ratio_grouping: batch landscape and portrait images separately.
         drop_last: drop the last incomplete batch (training only; evaluation keeps every image).
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-
-    Example::
-
-        loader = build_dataloader(train_set, batch_size=4, train=True, num_workers=2, seed=42)
-        for epoch in range(epochs):
-            loader.batch_sampler.set_epoch(epoch)
-            for images, targets, skipped in loader: ...
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")

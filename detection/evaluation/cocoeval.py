@@ -253,12 +253,6 @@ def evaluate_coco_results(
         ValueError: results refer to image or category ids not in the ground truth, lack the field an
             iou type needs (e.g. ``segmentation`` for ``"segm"``), or the arguments are invalid.
         FileNotFoundError: a given path does not exist.
-
-    Example::
-
-        >>> metrics = evaluate_coco_results("instances_val2017.json", "preds.json", ("bbox",))
-        >>> metrics["bbox/AP"]  # doctest: +SKIP
-        37.9
     """
     iou_types = check_iou_types(iou_types)
     gt = load_coco_gt(coco_gt, backend)
@@ -269,12 +263,10 @@ def evaluate_coco_results(
     if selected is not None:
         results = [r for r in results if r["image_id"] in selected]
     if not results:
+        where = " for the selected images" if selected is not None else ""
+        message = f"No predictions were made: there are no COCO results{where}"
         warnings.warn(
-            "No predictions were made: there are no COCO results"
-            + (" for the selected images" if selected is not None else "")
-            + f"; all AP values of {list(iou_types)} are reported as 0.0",
-            UserWarning,
-            stacklevel=2,
+            f"{message}; all AP values of {list(iou_types)} are reported as 0.0", UserWarning, stacklevel=2
         )
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
