@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 import time
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from detection.data import CocoDetection, build_dataloader, build_transforms
+from detection.io import atomic_write_json
 
 _DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128-instances"
 
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(format_table(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        atomic_write_json(args.json, result, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from detection.coco_eval import BACKENDS, load_coco_gt, run_cocoeval
+from detection.io import atomic_write_json
 
 # COCO's 80 category ids are 1..90 without these.
 _COCO_MISSING_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
@@ -220,20 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         ``{"config", "data", "rows": [{backend, iou_type, seconds, AP, stats}], "time_ratio",
         "max_abs_diff", "agreement_ok", ...}``; ``stats`` are COCOeval's 12 values (0..1), ``AP`` in percent.
     """
-    if args.num_images < 1 or args.dets_per_image < 1 or args.objects_per_image < 0:
-        raise ValueError(
-            "--num-images and --dets-per-image must be >= 1 and --objects-per-image >= 0, got "
-            f"{args.num_images}, {args.dets_per_image}, {args.objects_per_image}"
-        )
-    available = _available_backends()
-    backends = list(dict.fromkeys(args.backends)) if args.backends else available
-    missing = [b for b in backends if b not in available]
-    if missing:
-        raise ImportError(
-            f"backend(s) {missing} are not installed (installed: {available}); for "
-            "faster_coco_eval run `pip install faster-coco-eval`"
-        )
-
+    backends = _check_args(args)
     tic = time.perf_counter()
     dataset = build_synthetic_coco(args.num_images, args.objects_per_image, seed=args.seed)
     results = build_synthetic_results(dataset, args.dets_per_image, seed=args.seed)
@@ -245,56 +233,15 @@ def run(args: argparse.Namespace) -> dict:
         f"synthetic set: {args.num_images} images, {num_gt} GT objects ({num_crowd} crowd), "
         f"{num_results} results; built in {build_seconds:.1f} s (not timed below)"
     )
-
     # COCOeval writes into annotations (pycocotools turns GT polygons into RLE in place), so every run
     # gets fresh copies, decoded from JSON text; the copies and the GT index are made before the clock starts.
     dataset_json, results_json = json.dumps(dataset), json.dumps(results)
     del dataset, results
-    rows: list[dict[str, Any]] = []
-    for backend in backends:
-        for iou_type in args.iou_types:
-            gt = load_coco_gt(json.loads(dataset_json), backend)
-            dts = json.loads(results_json)
-            tic = time.perf_counter()
-            outcome = run_cocoeval(gt, dts, iou_type, backend=backend)
-            seconds = time.perf_counter() - tic
-            assert outcome is not None  # results are never empty here
-            coco_eval, _ = outcome
-            stats = [float(s) for s in coco_eval.stats[:12]]
-            ap = 100.0 * stats[0]
-            rows.append(
-                {"backend": backend, "iou_type": iou_type, "seconds": seconds, "AP": ap, "stats": stats}
-            )
-            print(f"  {backend:<17} {iou_type:<5} {seconds:8.2f} s  AP {100.0 * stats[0]:.3f}", flush=True)
-
+    rows = _time_backends(dataset_json, results_json, backends, args.iou_types)
     print("\n| backend | iou type | seconds | AP |\n|---|---|---:|---:|")
     for row in rows:
         print(f"| {row['backend']} | {row['iou_type']} | {row['seconds']:.2f} | {row['AP']:.3f} |")
-
-    time_ratio: dict[str, float] = {}
-    max_abs_diff: dict[str, float] = {}
-    agreement_ok = True
-    if len(backends) > 1:
-        ref = backends[0]
-        print()
-        for other in backends[1:]:
-            for iou_type in args.iou_types:
-                a = next(r for r in rows if r["backend"] == ref and r["iou_type"] == iou_type)
-                b = next(r for r in rows if r["backend"] == other and r["iou_type"] == iou_type)
-                key = f"{iou_type}:{ref}/{other}"
-                time_ratio[key] = a["seconds"] / b["seconds"]
-                diffs = [abs(x - y) for x, y in zip(a["stats"], b["stats"], strict=True)]
-                diff = max(diffs)
-                max_abs_diff[key] = diff
-                worst = _STAT_LABELS[int(np.argmax(diffs))]
-                ok = diff <= args.tolerance
-                agreement_ok &= ok
-                print(
-                    f"{iou_type}: {ref} takes {time_ratio[key]:.2f}x the time of {other}; "
-                    f"max |diff| over the 12 stats = {diff:.2e} (at {worst}, "
-                    f"tolerance {args.tolerance:g}) -> {'agree' if ok else 'DISAGREE'}"
-                )
-
+    time_ratio, max_abs_diff, agreement_ok = _compare(rows, backends, args.iou_types, args.tolerance)
     payload = {
         "config": {
             "num_images": args.num_images,
@@ -315,10 +262,78 @@ def run(args: argparse.Namespace) -> dict:
         "versions": _versions(backends),
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        atomic_write_json(args.json, payload, indent=2)
         print(f"wrote {args.json}")
     return payload
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """The backends to time; ``ValueError`` / ``ImportError`` for bad sizes or a missing backend."""
+    if args.num_images < 1 or args.dets_per_image < 1 or args.objects_per_image < 0:
+        raise ValueError(
+            "--num-images and --dets-per-image must be >= 1 and --objects-per-image >= 0, got "
+            f"{args.num_images}, {args.dets_per_image}, {args.objects_per_image}"
+        )
+    available = _available_backends()
+    backends = list(dict.fromkeys(args.backends)) if args.backends else available
+    missing = [b for b in backends if b not in available]
+    if missing:
+        raise ImportError(
+            f"backend(s) {missing} are not installed (installed: {available}); for "
+            "faster_coco_eval run `pip install faster-coco-eval`"
+        )
+    return backends
+
+
+def _time_backends(
+    dataset_json: str, results_json: str, backends: list[str], iou_types: list[str]
+) -> list[dict[str, Any]]:
+    """One row per (backend, iou type): seconds of ``run_cocoeval``, AP and COCOeval's 12 stats."""
+    rows: list[dict[str, Any]] = []
+    for backend in backends:
+        for iou_type in iou_types:
+            gt = load_coco_gt(json.loads(dataset_json), backend)
+            dts = json.loads(results_json)
+            tic = time.perf_counter()
+            outcome = run_cocoeval(gt, dts, iou_type, backend=backend)
+            seconds = time.perf_counter() - tic
+            assert outcome is not None  # results are never empty here
+            coco_eval, _ = outcome
+            stats = [float(s) for s in coco_eval.stats[:12]]
+            ap = 100.0 * stats[0]
+            rows.append(
+                {"backend": backend, "iou_type": iou_type, "seconds": seconds, "AP": ap, "stats": stats}
+            )
+            print(f"  {backend:<17} {iou_type:<5} {seconds:8.2f} s  AP {ap:.3f}", flush=True)
+    return rows
+
+
+def _compare(
+    rows: list[dict[str, Any]], backends: list[str], iou_types: list[str], tolerance: float
+) -> tuple[dict[str, float], dict[str, float], bool]:
+    """Time ratio and largest stat difference of each backend against the first; whether all agree."""
+    time_ratio: dict[str, float] = {}
+    max_abs_diff: dict[str, float] = {}
+    agreement_ok = True
+    if len(backends) > 1:
+        print()
+    ref = backends[0] if backends else None
+    for other in backends[1:]:
+        for iou_type in iou_types:
+            a = next(r for r in rows if r["backend"] == ref and r["iou_type"] == iou_type)
+            b = next(r for r in rows if r["backend"] == other and r["iou_type"] == iou_type)
+            key = f"{iou_type}:{ref}/{other}"
+            time_ratio[key] = a["seconds"] / b["seconds"]
+            diffs = [abs(x - y) for x, y in zip(a["stats"], b["stats"], strict=True)]
+            max_abs_diff[key] = max(diffs)
+            ok = max_abs_diff[key] <= tolerance
+            agreement_ok &= ok
+            print(
+                f"{iou_type}: {ref} takes {time_ratio[key]:.2f}x the time of {other}; "
+                f"max |diff| over the 12 stats = {max_abs_diff[key]:.2e} (at {_STAT_LABELS[int(np.argmax(diffs))]}, "
+                f"tolerance {tolerance:g}) -> {'agree' if ok else 'DISAGREE'}"
+            )
+    return time_ratio, max_abs_diff, agreement_ok
 
 
 def _versions(backends: list[str]) -> dict[str, str]:

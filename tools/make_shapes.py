@@ -5,8 +5,8 @@ Usage::
     python tools/make_shapes.py --out data/shapes --num-train 500 --num-val 100 --size 224 --seed 0
 
 writes ``<out>/train/{images,annotations/instances.json}`` and ``<out>/val/...`` and prints their paths.
-The same parameters always give the same files (the trainer's cache, ``ensure_shapes_dataset``, uses the
-same generator).
+The flags' defaults are those of ``data.shapes`` (``detection.config.ShapesConfig``). The same parameters
+always give the same files (the trainer's cache, ``ensure_shapes_dataset``, uses the same generator).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from detection.data.shapes import make_shapes_splits
+from detection.config import ShapesConfig
+from detection.data.shapes import IMAGE_FORMATS, make_shapes_splits
 
 
 def _parse_size(text: str) -> int | tuple[int, int]:
@@ -36,23 +37,46 @@ def _parse_size(text: str) -> int | tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = ShapesConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output folder (gets train/ and val/)")
-    parser.add_argument("--num-train", type=int, default=500, help="training images (default 500)")
-    parser.add_argument("--num-val", type=int, default=100, help="validation images (default 100)")
-    parser.add_argument("--size", type=_parse_size, default=224, help="image size: S or HxW (default 224)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--min-objects", type=int, default=1, help="fewest objects per image (default 1)")
-    parser.add_argument("--max-objects", type=int, default=6, help="most objects per image (default 6)")
+    parser.add_argument(
+        "--num-train", type=int, default=defaults.num_train, help="training images (default %(default)s)"
+    )
+    parser.add_argument(
+        "--num-val", type=int, default=defaults.num_val, help="validation images (default %(default)s)"
+    )
+    parser.add_argument(
+        "--size",
+        type=_parse_size,
+        default=defaults.image_size,
+        help="image size: S or HxW (default %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
+    parser.add_argument(
+        "--min-objects",
+        type=int,
+        default=defaults.min_objects,
+        help="fewest objects per image (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=defaults.max_objects,
+        help="most objects per image (default %(default)s)",
+    )
+    low, high = defaults.size_range
     parser.add_argument(
         "--size-range",
         type=float,
         nargs=2,
-        default=(0.10, 0.45),
+        default=(low, high),
         metavar=("LOW", "HIGH"),
-        help="object size as a fraction of the short side (default 0.10 0.45)",
+        help=f"object size as a fraction of the short side (default {low} {high})",
     )
-    parser.add_argument("--format", choices=("png", "jpg"), default="png", help="image format (default png)")
+    parser.add_argument(
+        "--format", choices=IMAGE_FORMATS, default=IMAGE_FORMATS[0], help="image format (default %(default)s)"
+    )
     parser.add_argument(
         "--force", action="store_true", help="replace existing train/ and val/ folders in --out"
     )

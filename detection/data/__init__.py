@@ -22,12 +22,11 @@ from .coco import (
     CocoDetection,
     DatasetError,
     SkippedImage,
-    check_same_categories,
     decode_segmentation,
     read_rgb_image,
 )
 from .loader import build_dataloader
-from .sampler import AspectRatioBatchSampler, Batch, SampleIndex, collate_fn, worker_init_fn
+from .sampler import AspectRatioBatchSampler, Batch, collate_fn, worker_init_fn
 from .shapes import SHAPE_CATEGORIES, ensure_shapes_dataset, make_shapes_dataset, make_shapes_splits
 from .transforms import DetectionTransform, build_transforms, transform_names
 
@@ -39,11 +38,9 @@ __all__ = [
     "CocoDetection",
     "DatasetError",
     "DetectionTransform",
-    "SampleIndex",
     "SkippedImage",
     "build_dataloader",
     "build_transforms",
-    "check_same_categories",
     "collate_fn",
     "decode_segmentation",
     "ensure_shapes_dataset",

@@ -1,4 +1,23 @@
-"""``build_dataloader``: dataset + aspect-ratio batch sampler + collate + seeded workers in one call."""
+"""``build_dataloader``: dataset + aspect-ratio batch sampler + collate + seeded workers in one call.
+
+Training loaders shuffle per epoch and give every rank the same number of batches (indices are repeated
+to pad, as ``DistributedSampler`` does). Evaluation loaders keep index order, never shuffle and do not pad
+(each image goes to exactly one rank); with aspect-ratio grouping they still group landscape and portrait
+images, which reorders them a little (the evaluator keys results by image id).
+
+Call ``loader.batch_sampler.set_epoch(epoch)`` before each training epoch, or ``set_epoch(epoch,
+start_batch=k)`` to resume after ``k`` batches (``len(loader)`` follows). Each sample's augmentation seed
+comes from ``(seed, epoch, rank, position in the epoch)``, so it depends neither on ``num_workers`` nor on
+where an epoch was resumed. Worker processes are persistent and get ``random``/``numpy``/``torch`` seeded
+from ``(seed, rank)``.
+
+Example::
+
+    loader = build_dataloader(train_set, batch_size=4, train=True, num_workers=2, seed=42)
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        for images, targets, skipped in loader: ...
+"""
 
 from __future__ import annotations
 
@@ -27,21 +46,12 @@ def build_dataloader(
 ) -> DataLoader:
     """Data loader yielding :class:`~detection.data.sampler.Batch` ``(images, targets, skipped)``.
 
-    Training loaders shuffle per epoch and give every rank the same number of batches (indices are
-    repeated to pad, as ``DistributedSampler`` does). Evaluation loaders keep index order, do not pad
-    (each image goes to exactly one rank; shard lengths may differ by one image) and never shuffle; with
-    ``aspect_ratio_grouping`` they still group landscape and portrait images, which reorders them a little
-    (the evaluator keys results by image id).
-
-    Call ``loader.batch_sampler.set_epoch(epoch)`` before each training epoch.
-
-    Augmentation is reproducible: each sample's augmentation seed is derived from ``(seed, epoch, rank,
-    position in the epoch)`` by the sampler, so it does not depend on ``num_workers``. Worker processes
-    are persistent and also get ``random``/``numpy``/``torch`` seeded from ``(seed, rank)``.
+    Its ``batch_sampler`` is an :class:`~detection.data.sampler.AspectRatioBatchSampler` (see the module
+    docstring for training vs evaluation loaders, seeding and resuming).
 
     Args:
-        dataset: a map-style dataset with ``image_sizes() -> list[(h, w)]`` (``CocoDetection``); without it,
-            set ``aspect_ratio_grouping=False``.
+        dataset: a map-style dataset taking ``(index, seed)`` tuples, with ``image_sizes() -> [(h, w)]``
+            (``CocoDetection``); without ``image_sizes``, set ``aspect_ratio_grouping=False``.
         batch_size: images per batch and per rank.
         train: training (shuffle, pad shards) or evaluation (sequential, no padding).
         num_workers: worker processes; 0 loads in the main process.
@@ -51,31 +61,11 @@ def build_dataloader(
         aspect_ratio_grouping: batch landscape and portrait images separately.
         drop_last: drop the last incomplete batch (training only; evaluation keeps every image).
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-
-    Returns:
-        A ``torch.utils.data.DataLoader`` whose ``batch_sampler`` is an ``AspectRatioBatchSampler``.
-
-    Example::
-
-        loader = build_dataloader(train_set, batch_size=4, train=True, num_workers=2, seed=42)
-        for epoch in range(epochs):
-            loader.batch_sampler.set_epoch(epoch)
-            for images, targets, skipped in loader: ...
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if hasattr(dataset, "image_sizes"):
-        sizes = list(dataset.image_sizes())
-    elif aspect_ratio_grouping:
-        raise TypeError(
-            f"{type(dataset).__name__} has no image_sizes() method, which aspect-ratio grouping needs; "
-            "pass aspect_ratio_grouping=False or use CocoDetection"
-        )
-    else:
-        sizes = [(1, 1)] * len(dataset)
-
     sampler = AspectRatioBatchSampler(
-        sizes,
+        _image_sizes(dataset, aspect_ratio_grouping),
         batch_size,
         shuffle=train,
         seed=seed,
@@ -85,8 +75,6 @@ def build_dataloader(
         group_by_aspect_ratio=aspect_ratio_grouping,
         pad_shards=train,
     )
-    generator = torch.Generator()
-    generator.manual_seed(_mix_seed([seed, rank, 1]))
     if num_workers == 0:
         # No worker_init_fn runs in the main process: give the augmentation its (seed, rank) stream here.
         transforms = getattr(dataset, "transforms", None)
@@ -98,7 +86,18 @@ def build_dataloader(
         collate_fn=collate_fn,
         num_workers=num_workers,
         worker_init_fn=worker_init_fn if num_workers > 0 else None,
-        generator=generator,
+        generator=torch.Generator().manual_seed(_mix_seed([seed, rank, 1])),
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
     )
+
+
+def _image_sizes(dataset: Any, aspect_ratio_grouping: bool) -> list[tuple[int, int]]:
+    if hasattr(dataset, "image_sizes"):
+        return list(dataset.image_sizes())
+    if aspect_ratio_grouping:
+        raise TypeError(
+            f"{type(dataset).__name__} has no image_sizes() method, which aspect-ratio grouping needs; "
+            "pass aspect_ratio_grouping=False or use CocoDetection"
+        )
+    return [(1, 1)] * len(dataset)

@@ -3,10 +3,10 @@
 - :class:`AspectRatioBatchSampler` shards indices across ranks, shuffles per epoch and groups images whose
   aspect ratio falls on the same side of 1 (landscape vs portrait, detectron2's two groups), so a batch pads
   less. It reads image sizes only (``dataset.image_sizes()``, from the annotation file).
-- Each index it yields is a :class:`SampleIndex`: an ``int`` that also carries a seed derived from
-  ``(seed, epoch, rank, position)``. ``CocoDetection`` seeds its augmentation with it, so a run's
-  augmentation depends only on the seed, the epoch and the rank, not on the number of workers or on which
-  worker loads which batch.
+- Each batch is a list of plain ``(index, seed)`` tuples, the seed derived from ``(seed, epoch, rank,
+  position in the epoch)``. ``CocoDetection`` seeds its augmentation with it, so a run's augmentation
+  depends only on the seed, the epoch and the rank, not on the number of workers, on which worker loads
+  which batch, or on where a resumed epoch starts.
 - :func:`collate_fn` builds a :class:`Batch` ``(images, targets, skipped)``.
 - :func:`worker_init_fn` seeds ``random``, ``numpy`` and ``torch`` in each worker.
 """
@@ -21,28 +21,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["AspectRatioBatchSampler", "Batch", "SampleIndex", "collate_fn", "worker_init_fn"]
+__all__ = ["AspectRatioBatchSampler", "Batch", "collate_fn", "worker_init_fn"]
 
-
-class SampleIndex(int):
-    """A dataset index (it *is* the ``int``) with the augmentation seed of this draw in ``.seed``.
-
-    Datasets that do not know about it simply use it as an int.
-    """
-
-    seed: int
-
-    def __new__(cls, index: int, seed: int) -> SampleIndex:
-        obj = super().__new__(cls, index)
-        obj.seed = int(seed)
-        return obj
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Indices travel to worker processes by pickle; keep the seed.
-        return (SampleIndex, (int(self), self.seed))
-
-    def __repr__(self) -> str:
-        return f"SampleIndex({int(self)}, seed={self.seed})"
+#: One sample of a batch: ``(dataset index, augmentation seed)``.
+Sample = tuple[int, int]
 
 
 def _mix_seed(values: Sequence[int]) -> int:
@@ -51,7 +33,7 @@ def _mix_seed(values: Sequence[int]) -> int:
     return int((int(words[0]) << 31) ^ int(words[1]))
 
 
-class AspectRatioBatchSampler(torch.utils.data.Sampler[list[SampleIndex]]):
+class AspectRatioBatchSampler(torch.utils.data.Sampler[list[Sample]]):
     """Batch sampler that groups landscape and portrait images and shards across ranks.
 
     Per epoch:
@@ -67,8 +49,10 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[SampleIndex]]):
        and cut into batches, so at most one batch per epoch mixes groups and every index of the shard is
        used once. The last batch is smaller than ``batch_size`` unless ``drop_last``.
 
-    ``len(sampler)`` is exactly ``ceil(shard / batch_size)`` (``floor`` with ``drop_last``), the same on
-    every rank, so distributed training steps stay in lock-step. Call :meth:`set_epoch` before each epoch.
+    :attr:`batches_per_epoch` is exactly ``ceil(shard / batch_size)`` (``floor`` with ``drop_last``), the
+    same on every rank, so distributed training steps stay in lock-step. Call :meth:`set_epoch` before each
+    epoch; ``set_epoch(epoch, start_batch=k)`` resumes an epoch after its first ``k`` batches without
+    reading their images, yielding exactly the batches and seeds an uninterrupted epoch yields from there.
 
     Args:
         image_sizes: ``(height, width)`` per dataset index, e.g. ``dataset.image_sizes()``.
@@ -86,7 +70,7 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[SampleIndex]]):
 
         sampler = AspectRatioBatchSampler(ds.image_sizes(), 4, seed=0, num_replicas=2, rank=0)
         sampler.set_epoch(3)
-        for batch_indices in sampler: ...
+        for batch in sampler: ...          # [(index, seed), ...]
     """
 
     def __init__(
@@ -122,10 +106,29 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[SampleIndex]]):
         self.group_by_aspect_ratio = group_by_aspect_ratio
         self.pad_shards = pad_shards
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation and augmentation seeds of ``epoch`` (call before iterating)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the permutation and seeds of ``epoch``; iteration starts after its first ``start_batch``.
+
+        Raises:
+            ValueError: ``start_batch`` is negative or more than :attr:`batches_per_epoch`.
+        """
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(
+                f"start_batch must be in [0, {self.batches_per_epoch}] (the batches per epoch), got {start_batch}"
+            )
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "start_batch"}`` as last set (the loader prefetches, so batches consumed are the
+        caller's to count: save ``start_batch`` = batches consumed in the epoch)."""
+        return {"epoch": self.epoch, "start_batch": self.start_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore a :meth:`state_dict`: the same as ``set_epoch(state["epoch"], state["start_batch"])``."""
+        self.set_epoch(state["epoch"], state.get("start_batch", 0))
 
     def _shard_size(self) -> int:
         n = len(self.groups)
@@ -133,9 +136,15 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[SampleIndex]]):
             return math.ceil(n / self.num_replicas)
         return len(range(self.rank, n, self.num_replicas))
 
-    def __len__(self) -> int:
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch on this rank (the same on every rank when shards are padded)."""
         size = self._shard_size()
         return size // self.batch_size if self.drop_last else math.ceil(size / self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields: the epoch's batches after ``start_batch``."""
+        return self.batches_per_epoch - self.start_batch
 
     def shard_indices(self) -> np.ndarray:
         """This rank's indices for the current epoch, in visiting order (before grouping)."""
@@ -170,15 +179,15 @@ class AspectRatioBatchSampler(torch.utils.data.Sampler[list[SampleIndex]]):
             batches.pop()
         return batches
 
-    def __iter__(self) -> Iterator[list[SampleIndex]]:
+    def __iter__(self) -> Iterator[list[Sample]]:
+        # The whole epoch's order and seeds are computed (from image sizes only), then the skipped head is
+        # dropped, so a resumed epoch continues with the batches and seeds of the uninterrupted one.
         batches = self._batches()
-        assert len(batches) == len(self), (len(batches), len(self))
+        assert len(batches) == self.batches_per_epoch, (len(batches), self.batches_per_epoch)
         rng = np.random.default_rng(_mix_seed([self.seed, self.epoch, self.rank, 0x5EED]))
-        seeds = rng.integers(0, 2**32, size=sum(len(b) for b in batches), dtype=np.uint64).tolist()
-        position = 0
-        for batch in batches:
-            yield [SampleIndex(i, seeds[position + j]) for j, i in enumerate(batch)]
-            position += len(batch)
+        seeds = iter(rng.integers(0, 2**32, size=sum(len(b) for b in batches), dtype=np.uint64).tolist())
+        samples = [[(i, next(seeds)) for i in batch] for batch in batches]
+        yield from samples[self.start_batch :]
 
 
 class Batch(NamedTuple):
@@ -226,7 +235,7 @@ def worker_init_fn(worker_id: int) -> None:
     The data loader sets each worker's torch seed to ``base_seed + worker_id``, its ``base_seed`` coming
     from the loader's ``generator`` (``build_dataloader`` seeds it from ``(seed, rank)``). Augmentation
     pipelines with a ``set_random_seed`` method (``DetectionTransform``) are seeded too, as a fallback for
-    indices that carry no per-sample seed.
+    plain indices that carry no per-sample seed.
 
     Args:
         worker_id: the worker's number (unused; the torch seed already includes it).

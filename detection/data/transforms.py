@@ -261,6 +261,40 @@ def _accepted_params(builder: Callable[..., Any]) -> tuple[list[str], list[str]]
     return names, required
 
 
+def _checked_spec(i: int, spec: Any) -> tuple[str, Callable[..., list[Any]], dict[str, Any]]:
+    """``(name, builder, params)`` of config entry ``i``; ``ValueError`` naming what is wrong with it."""
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(
+            f"transform #{i} must be a mapping with a 'name' key, e.g. {{name: horizontal_flip, p: 0.5}}; "
+            f"got {spec!r}"
+        )
+    name = spec["name"]
+    params = {k: v for k, v in spec.items() if k != "name"}
+    builder = _BUILDERS.get(name) if isinstance(name, str) else None
+    if builder is None:
+        close = difflib.get_close_matches(str(name), _BUILDERS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"transform #{i}: unknown transform name {name!r}{hint}. Known names: {', '.join(transform_names())}"
+        )
+    accepted, required = _accepted_params(builder)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        suggestions = [m for u in unknown for m in difflib.get_close_matches(u, accepted, n=1)]
+        hint = f" (did you mean {', '.join(repr(s) for s in suggestions)}?)" if suggestions else ""
+        raise ValueError(
+            f"transform #{i} '{name}': unknown parameter(s) {unknown}{hint}. "
+            f"Accepted parameters: {', '.join(accepted)}"
+        )
+    missing = [r for r in required if r not in params]
+    if missing:
+        raise ValueError(
+            f"transform #{i} '{name}': missing required parameter(s) {missing}. "
+            f"Accepted parameters: {', '.join(accepted)}"
+        )
+    return name, builder, params
+
+
 def build_transforms(
     specs: Sequence[Mapping[str, Any]],
     *,
@@ -295,35 +329,7 @@ def build_transforms(
     transforms: list[Any] = []
     names: list[str] = []
     for i, spec in enumerate(specs):
-        if not isinstance(spec, Mapping) or "name" not in spec:
-            raise ValueError(
-                f"transform #{i} must be a mapping with a 'name' key, e.g. {{name: horizontal_flip, p: 0.5}}; "
-                f"got {spec!r}"
-            )
-        name = spec["name"]
-        params = {k: v for k, v in spec.items() if k != "name"}
-        builder = _BUILDERS.get(name) if isinstance(name, str) else None
-        if builder is None:
-            close = difflib.get_close_matches(str(name), _BUILDERS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(
-                f"transform #{i}: unknown transform name {name!r}{hint}. Known names: {', '.join(transform_names())}"
-            )
-        accepted, required = _accepted_params(builder)
-        unknown = sorted(set(params) - set(accepted))
-        if unknown:
-            suggestions = [m for u in unknown for m in difflib.get_close_matches(u, accepted, n=1)]
-            hint = f" (did you mean {', '.join(repr(s) for s in suggestions)}?)" if suggestions else ""
-            raise ValueError(
-                f"transform #{i} '{name}': unknown parameter(s) {unknown}{hint}. "
-                f"Accepted parameters: {', '.join(accepted)}"
-            )
-        missing = [r for r in required if r not in params]
-        if missing:
-            raise ValueError(
-                f"transform #{i} '{name}': missing required parameter(s) {missing}. "
-                f"Accepted parameters: {', '.join(accepted)}"
-            )
+        name, builder, params = _checked_spec(i, spec)
         try:
             transforms.extend(builder(**params))
         except (ValueError, TypeError) as e:

@@ -30,7 +30,7 @@ def test_eval_pipeline_matches_pycocotools_on_every_image(coco128_dir):
     crowd_seen = 0
     for i in range(len(ds)):
         image, target = ds[i]
-        info = ds.image_info(i)
+        info = ds.coco.imgs[ds.ids[i]]
         h, w = info["height"], info["width"]
         assert image.shape == (3, h, w) and image.dtype == torch.float32
         assert int(target["image_id"]) == info["id"] and target["image_id"].dtype == torch.int64
@@ -72,7 +72,7 @@ def test_train_pipeline_with_flip_and_jitter_on_every_image(coco128_dir):
         image, target = ds[i]
         # checks in numpy: torch's small multi-threaded ops are slow on a busy 2-core machine
         t = {k: v.numpy() for k, v in target.items()}
-        info = ds.image_info(i)
+        info = ds.coco.imgs[ds.ids[i]]
         h, w = info["height"], info["width"]
         anns = [
             a

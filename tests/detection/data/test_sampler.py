@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 import re
 from collections import Counter
@@ -15,7 +14,6 @@ from detection.data import (
     AspectRatioBatchSampler,
     Batch,
     CocoDetection,
-    SampleIndex,
     SkippedImage,
     build_dataloader,
     build_transforms,
@@ -44,7 +42,7 @@ def _group(i: int) -> int:
 
 
 def _all_batches(sampler: AspectRatioBatchSampler) -> list[list[int]]:
-    return [[int(i) for i in batch] for batch in sampler]
+    return [[i for i, _seed in batch] for batch in sampler]
 
 
 def test_shards_are_disjoint_padded_and_cover_everything():
@@ -128,19 +126,66 @@ def test_len_is_exact_and_equal_across_ranks(n, batch_size, replicas, drop_last,
     assert len(set(lengths)) == 1
 
 
-def test_sample_indices_carry_reproducible_seeds():
+def test_samples_are_plain_index_seed_tuples_with_reproducible_seeds():
     s = AspectRatioBatchSampler(_SIZES, 4, seed=9, num_replicas=2, rank=1)
     s.set_epoch(2)
-    first = [(int(i), i.seed) for b in s for i in b]
-    again = [(int(i), i.seed) for b in s for i in b]
-    assert first == again
+    first = [sample for b in s for sample in b]
+    assert all(type(sample) is tuple and [type(v) for v in sample] == [int, int] for sample in first)
+    assert first == [sample for b in s for sample in b]
     assert len({seed for _, seed in first}) == len(first)
     s.set_epoch(3)
-    assert [seed for _, seed in ((int(i), i.seed) for b in s for i in b)] != [seed for _, seed in first]
-    index = next(iter(s))[0]
-    clone = pickle.loads(pickle.dumps(index))
-    assert isinstance(clone, SampleIndex) and clone == index and clone.seed == index.seed
-    assert [10, 20, 30][SampleIndex(1, 5)] == 20  # still usable as a plain index
+    assert [seed for b in s for _, seed in b] != [seed for _, seed in first]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("grouping", [False, True])
+def test_resuming_mid_epoch_yields_the_rest_of_the_uninterrupted_epoch(drop_last, grouping):
+    def sampler():
+        return AspectRatioBatchSampler(
+            _SIZES * 2, 4, seed=4, num_replicas=2, rank=1, drop_last=drop_last, group_by_aspect_ratio=grouping
+        )
+
+    full = sampler()
+    full.set_epoch(5)
+    whole = list(full)
+    assert len(full) == full.batches_per_epoch == len(whole) == (2 if drop_last else 3)  # 11 of 22 per rank
+    for start in range(len(whole) + 1):
+        resumed = sampler()
+        resumed.set_epoch(5, start_batch=start)
+        assert len(resumed) == len(whole) - start and resumed.batches_per_epoch == len(whole)
+        assert list(resumed) == whole[start:]  # same indices and same seeds
+        assert resumed.state_dict() == {"epoch": 5, "start_batch": start}
+        restored = sampler()
+        restored.load_state_dict(resumed.state_dict())
+        assert list(restored) == whole[start:]
+    with pytest.raises(ValueError, match=re.escape(f"start_batch must be in [0, {len(whole)}]")):
+        full.set_epoch(5, start_batch=len(whole) + 1)
+
+
+def test_resumed_loader_skips_without_reading_images(augmented_train_set):
+    ds = augmented_train_set
+    loader = build_dataloader(ds, batch_size=3, train=True, num_workers=0, seed=7)
+    whole = _collect(loader, epochs=(1,))
+    reads = []
+    real = ds._records.__class__.__getitem__
+
+    class Counting(list):
+        def __getitem__(self, index):
+            reads.append(index)
+            return real(self, index)
+
+    ds._records = Counting(ds._records)
+    try:
+        loader.batch_sampler.set_epoch(1, start_batch=1)
+        assert len(loader) == len(whole) - 1
+        rest = [
+            ([img.clone() for img in images], [{k: v.clone() for k, v in t.items()} for t in targets])
+            for images, targets, _ in loader
+        ]
+    finally:
+        ds._records = list(ds._records)
+    assert _same(rest, whole[1:])
+    assert len(reads) == sum(len(images) for images, _ in whole[1:])  # the skipped batch was never loaded
 
 
 def test_sampler_argument_errors():
@@ -231,9 +276,10 @@ class _RandomDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 8
 
-    def __getitem__(self, index):
+    def __getitem__(self, sample):
+        index, _seed = sample
         draw = torch.tensor([np.random.rand(), random.random(), torch.rand(()).item()])
-        return draw, {"index": torch.tensor(int(index))}
+        return draw, {"index": torch.tensor(index)}
 
 
 def test_worker_init_seeds_global_rngs():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import re
 from collections import defaultdict
@@ -11,7 +14,14 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detection.data import SHAPE_CATEGORIES, CocoDetection, ensure_shapes_dataset, make_shapes_dataset
+from detection.config import ShapesConfig
+from detection.data import (
+    SHAPE_CATEGORIES,
+    CocoDetection,
+    ensure_shapes_dataset,
+    make_shapes_dataset,
+    make_shapes_splits,
+)
 from detection.data import shapes as shapes_module
 
 
@@ -87,7 +97,8 @@ def test_occluded_objects_keep_enough_of_themselves():
     occluded = 0
     for i in range(10):
         rng = np.random.default_rng([2, i])
-        _, objects = shapes_module._draw_image(rng, 64, 64, 6, 6, (0.4, 0.6), 0.3)
+        crowded = ShapesConfig(min_objects=6, max_objects=6, size_range=(0.4, 0.6), min_visible=0.3)
+        _, objects = shapes_module._draw_image(rng, 64, 64, crowded)
         assert 1 <= len(objects) <= 6
         for o in objects:
             visible = int(o["mask"].sum())
@@ -97,17 +108,24 @@ def test_occluded_objects_keep_enough_of_themselves():
 
 
 def test_generator_argument_errors(tmp_path):
-    with pytest.raises(
-        ValueError, match=re.escape("need 0 <= min_objects <= max_objects and max_objects >= 1, got 3 and 2")
-    ):
+    # the range checks are ShapesConfig's
+    with pytest.raises(ValueError, match=re.escape("min_objects must be in 0..max_objects (2); got 3")):
         make_shapes_dataset(tmp_path, num_images=1, image_size=32, seed=0, min_objects=3, max_objects=2)
-    with pytest.raises(ValueError, match=re.escape("image_size must be at least 16 px per side, got 8")):
+    with pytest.raises(ValueError, match=re.escape("image_size must be >= 16 pixels; got 8")):
         make_shapes_dataset(tmp_path, num_images=1, image_size=8, seed=0)
+    with pytest.raises(ValueError, match=re.escape("image_size must be >= 16 pixels; got 8")):
+        make_shapes_dataset(tmp_path, num_images=1, image_size=(8, 40), seed=0)
     with pytest.raises(
         ValueError,
-        match=re.escape("size_range must be (low, high) with 0 < low <= high <= 1, got (0.5, 0.2)"),
+        match=re.escape("size_range must be [low, high] with 0 < low <= high <= 1; got [0.5, 0.2]"),
     ):
         make_shapes_dataset(tmp_path, num_images=1, image_size=32, seed=0, size_range=(0.5, 0.2))
+    with pytest.raises(ValueError, match=re.escape("num_images must be >= 1, got 0")):
+        make_shapes_dataset(tmp_path, num_images=0, seed=0)
+    with pytest.raises(ValueError, match=re.escape("image_format must be one of ('png', 'jpg'), got 'gif'")):
+        make_shapes_dataset(tmp_path, num_images=1, seed=0, image_format="gif")
+    with pytest.raises(TypeError, match=re.escape("unknown shapes option(s) ['colour']")):
+        make_shapes_dataset(tmp_path, num_images=1, seed=0, colour="red")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,5 +213,55 @@ def test_negatives_and_train_only_splits(tmp_path):
     data = json.loads(paths["train_ann"].read_text())
     per_image = [sum(a["image_id"] == img["id"] for a in data["annotations"]) for img in data["images"]]
     assert set(per_image) == {0, 1}  # negatives appear with min_objects=0
-    with pytest.raises(ValueError, match=re.escape("num_val must be >= 0 (0: no validation split), got -1")):
+    with pytest.raises(ValueError, match=re.escape("num_val must be >= 0; got -1")):
         ensure_shapes_dataset(tmp_path, num_train=1, num_val=-1, image_size=32, seed=1)
+
+
+def test_shapes_defaults_are_declared_once_in_shapes_config(tmp_path, load_tool, monkeypatch):
+    """The tool's flags and the generator take ShapesConfig's defaults: changed there, both follow."""
+    fields = {f.name for f in dataclasses.fields(ShapesConfig)}
+    for function in (make_shapes_dataset, make_shapes_splits, ensure_shapes_dataset):
+        for name, parameter in inspect.signature(function).parameters.items():
+            if name in fields:  # no default of its own: None means "the config's"
+                assert parameter.default in (None, inspect.Parameter.empty), (function.__name__, name)
+
+    tool = load_tool("make_shapes")
+    flags = ("num_train", "num_val", "size", "seed", "min_objects", "max_objects", "size_range")
+
+    def parsed_defaults():
+        args = tool.build_parser().parse_args(["--out", str(tmp_path)])
+        return [tuple(v) if isinstance(v, list) else v for v in (getattr(args, f) for f in flags)]
+
+    base = ShapesConfig()
+    expected = [base.num_train, base.num_val, base.image_size, base.seed, base.min_objects, base.max_objects]
+    assert parsed_defaults() == [*expected, tuple(base.size_range)]
+
+    changed = {
+        "num_train": 3,
+        "num_val": 1,
+        "image_size": 40,
+        "seed": 5,
+        "min_objects": 2,
+        "max_objects": 3,
+        "size_range": (0.2, 0.3),
+        "distractors": (0, 1),
+        "min_visible": 0.5,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    patched = functools.partial(ShapesConfig, **changed)
+    monkeypatch.setattr(tool, "ShapesConfig", patched)
+    assert parsed_defaults() == [changed[k] for k in ("num_train", "num_val", "image_size", "seed")] + [
+        2,
+        3,
+        (0.2, 0.3),
+    ]
+    monkeypatch.setattr(shapes_module, "ShapesConfig", patched)
+    paths = ensure_shapes_dataset()  # every setting, the cache folder included, from the (patched) defaults
+    assert paths["train_ann"].is_relative_to(tmp_path / "cache")
+    params = json.loads((paths["train_ann"].parents[2] / "params.json").read_text())
+    assert params == {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in changed.items() if k != "cache_dir"},
+        "image_size": [40, 40],
+        "image_format": "png",
+        "version": params["version"],
+    }
