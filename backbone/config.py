@@ -122,27 +122,35 @@ def check_levels(field_name: str, levels: tuple[str, ...], allow_empty: bool) ->
         raise ValueError(f"{field_name} must list distinct levels in increasing order, got {list(levels)}")
 
 
+def _doc(text: str) -> dict[str, str]:
+    """Field metadata holding its description (what ``print_config --reference`` shows)."""
+    return {"doc": text}
+
+
 @dataclass(frozen=True, kw_only=True)
 class FPNConfig:
     """Options of the feature pyramid on top of the ResNet body.
 
-    Attributes:
-        enabled: build the FPN. Without it the backbone returns the body's ``c*`` maps.
-        out_channels: width of every pyramid level (torchvision and detectron2 use 256).
-        extra: extra top levels, one of :data:`FPN_EXTRAS`. ``"maxpool"`` adds P6 by stride-2
-            subsampling of P5 (the R-CNN default), ``"p6p7_c5"`` / ``"p6p7_p5"`` add conv P6 and P7
-            computed from C5 or from P5 (RetinaNet / FCOS), ``"none"`` adds nothing. ``None``
-            follows the consumer's default (:data:`DEFAULT_FPN_EXTRA` for ``build_backbone``).
-        norm: normalisation inside the FPN convs, one of :data:`FPN_NORMS`: ``"none"``
-            (torchvision's v1 models), ``"bn"`` (the v2 models) or ``"gn"`` (32 groups). ``None``
-            follows the consumer's default (:data:`DEFAULT_FPN_NORM`, or ``"bn"`` for the R-CNN v2
-            detectors).
+    Each field's description is in its metadata (``dataclasses.fields(cls)[i].metadata["doc"]``).
     """
 
-    enabled: bool = True
-    out_channels: int = 256
-    extra: ExtraName | None = None
-    norm: FPNNormName | None = None
+    enabled: bool = field(default=True, metadata=_doc(
+        "build the FPN. Without it the backbone returns the body's ``c*`` maps."
+    ))
+    out_channels: int = field(default=256, metadata=_doc(
+        "width of every pyramid level (torchvision and detectron2 use 256)."
+    ))
+    extra: ExtraName | None = field(default=None, metadata=_doc(
+        "extra top levels, one of :data:`FPN_EXTRAS`. ``\"maxpool\"`` adds P6 by stride-2 subsampling of "
+        "P5 (the R-CNN default), ``\"p6p7_c5\"`` / ``\"p6p7_p5\"`` add conv P6 and P7 computed from C5 or"
+        " from P5 (RetinaNet / FCOS), ``\"none\"`` adds nothing. ``None`` follows the consumer's default "
+        "(:data:`DEFAULT_FPN_EXTRA` for ``build_backbone``)."
+    ))
+    norm: FPNNormName | None = field(default=None, metadata=_doc(
+        "normalisation inside the FPN convs, one of :data:`FPN_NORMS`: ``\"none\"`` (torchvision's v1 "
+        "models), ``\"bn\"`` (the v2 models) or ``\"gn\"`` (32 groups). ``None`` follows the consumer's "
+        "default (:data:`DEFAULT_FPN_NORM`, or ``\"bn\"`` for the R-CNN v2 detectors)."
+    ))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -196,47 +204,59 @@ def _check_option_names(what: str, options: Mapping[str, Any], valid: tuple[str,
 class BackboneConfig:
     """Options of :func:`backbone.build_backbone`.
 
-    Attributes:
-        name: one of :data:`ARCHITECTURES` (``resnet18`` ... ``wide_resnet101_2``).
-        weights: ``None`` (random init), a local file holding a torchvision ImageNet state dict
-            (``fc.*`` is dropped), or a torchvision weights name such as ``"IMAGENET1K_V1"``,
-            ``"DEFAULT"`` or ``"ResNet50_Weights.IMAGENET1K_V2"``.
-        norm: one of :data:`NORMS` (``bn``, ``frozen_bn``, ``gn``, ``sync_bn``). ``None`` follows
-            torchvision: frozen BN when ``weights`` are loaded, trainable BN otherwise.
-        gn_groups: number of groups when ``norm == "gn"``.
-        trainable_stages: 0-5 with torchvision's meaning, counted from C5 down (5 also trains the
-            stem). ``None`` gives 3 with ``weights`` and 5 without, as torchvision's detectors do.
-            Below 5 without ``weights`` it still freezes (randomly initialised) stages, with a warning.
-        norm_eval: keep BN statistics frozen (BN layers stay in eval mode) while their affine
-            parameters still train.
-        out_features: body levels to return (and to feed the FPN); ``None`` means ``c2..c5``, or
-            the detector's default. Stages after the last one named are not built.
-        style: ``"pytorch"`` puts the stride in the 3x3 conv of bottleneck blocks (ResNet v1.5,
-            torchvision); ``"caffe"`` puts it in the first 1x1 (detectron2's MSRA weights).
-        output_stride: 32 (plain), 16 (C5 dilated) or 8 (C4 and C5 dilated).
-        zero_init_residual: zero the last norm's scale in each residual branch.
-        checkpoint_stages: levels whose blocks use activation checkpointing, for example
-            ``("c2", "c3")``; outputs and gradients are unchanged, peak training memory drops.
-            Eager mode only: TorchScript-compiled copies run these stages normally.
-        base_channels: width of the stem and first stage (each later stage doubles it). 64 is the
-            standard ResNet and the only width pretrained weights exist for; 32 halves every width
-            (about a quarter of the compute), for training from scratch on small images and CPUs.
-        fpn: the pyramid options (:class:`FPNConfig`).
+    Each field's description is in its metadata (``dataclasses.fields(cls)[i].metadata["doc"]``).
     """
 
-    name: str = "resnet50"
-    weights: str | None = None
-    norm: NormName | None = None
-    gn_groups: int = 32
-    trainable_stages: int | None = None
-    norm_eval: bool = False
-    out_features: tuple[str, ...] | None = None
-    style: StyleName = "pytorch"
-    output_stride: OutputStride = 32
-    zero_init_residual: bool = False
-    checkpoint_stages: tuple[str, ...] = ()
-    base_channels: int = 64
-    fpn: FPNConfig = field(default_factory=FPNConfig)
+    name: str = field(default="resnet50", metadata=_doc(
+        "one of :data:`ARCHITECTURES` (``resnet18`` ... ``wide_resnet101_2``)."
+    ))
+    weights: str | None = field(default=None, metadata=_doc(
+        "``None`` (random init), a local file holding a torchvision ImageNet state dict (``fc.*`` is "
+        "dropped), or a torchvision weights name such as ``\"IMAGENET1K_V1\"``, ``\"DEFAULT\"`` or "
+        "``\"ResNet50_Weights.IMAGENET1K_V2\"``."
+    ))
+    norm: NormName | None = field(default=None, metadata=_doc(
+        "one of :data:`NORMS` (``bn``, ``frozen_bn``, ``gn``, ``sync_bn``). ``None`` follows torchvision:"
+        " frozen BN when ``weights`` are loaded, trainable BN otherwise."
+    ))
+    gn_groups: int = field(default=32, metadata=_doc(
+        "number of groups when ``norm == \"gn\"``."
+    ))
+    trainable_stages: int | None = field(default=None, metadata=_doc(
+        "0-5 with torchvision's meaning, counted from C5 down (5 also trains the stem). ``None`` gives 3 "
+        "with ``weights`` and 5 without, as torchvision's detectors do. Below 5 without ``weights`` it "
+        "still freezes (randomly initialised) stages, with a warning."
+    ))
+    norm_eval: bool = field(default=False, metadata=_doc(
+        "keep BN statistics frozen (BN layers stay in eval mode) while their affine parameters still train."
+    ))
+    out_features: tuple[str, ...] | None = field(default=None, metadata=_doc(
+        "body levels to return (and to feed the FPN); ``None`` means ``c2..c5``, or the detector's "
+        "default. Stages after the last one named are not built."
+    ))
+    style: StyleName = field(default="pytorch", metadata=_doc(
+        "``\"pytorch\"`` puts the stride in the 3x3 conv of bottleneck blocks (ResNet v1.5, torchvision);"
+        " ``\"caffe\"`` puts it in the first 1x1 (detectron2's MSRA weights)."
+    ))
+    output_stride: OutputStride = field(default=32, metadata=_doc(
+        "32 (plain), 16 (C5 dilated) or 8 (C4 and C5 dilated)."
+    ))
+    zero_init_residual: bool = field(default=False, metadata=_doc(
+        "zero the last norm's scale in each residual branch."
+    ))
+    checkpoint_stages: tuple[str, ...] = field(default=(), metadata=_doc(
+        "levels whose blocks use activation checkpointing, for example ``(\"c2\", \"c3\")``; outputs and "
+        "gradients are unchanged, peak training memory drops. Eager mode only: TorchScript-compiled "
+        "copies run these stages normally."
+    ))
+    base_channels: int = field(default=64, metadata=_doc(
+        "width of the stem and first stage (each later stage doubles it). 64 is the standard ResNet and "
+        "the only width pretrained weights exist for; 32 halves every width (about a quarter of the "
+        "compute), for training from scratch on small images and CPUs."
+    ))
+    fpn: FPNConfig = field(default_factory=FPNConfig, metadata=_doc(
+        "the pyramid options (:class:`FPNConfig`)."
+    ))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -309,7 +329,8 @@ class BackboneConfig:
         return LEVELS if self.out_features is None else tuple(self.out_features)
 
     def resolved_norm(self) -> str:
-        """The norm actually used: frozen BN with pretrained weights, trainable BN otherwise (torchvision's rule)."""
+        """The norm actually used: frozen BN with pretrained weights, trainable BN otherwise "
+        "(torchvision's rule)."""
         if self.norm is not None:
             return self.norm
         return "frozen_bn" if self.weights else "bn"

@@ -2,7 +2,8 @@
 
 Each entry says what a ``model.arch`` name builds (family, masks, keypoints, the v2 variant), which
 backbone levels and FPN extra levels it uses by default, and how its default anchors follow from the
-level strides. Nothing here imports torch, so configs are checked against it before any model exists.
+level strides. The evaluation vocabularies that configs are checked against (:data:`IOU_TYPES`,
+:data:`EVAL_BACKENDS`) live here too. Nothing here imports torch, so configs are checked against it before any model exists.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ARCHS", "IOU_TYPES", "ArchSpec", "arch_spec"]
+__all__ = ["ARCHS", "EVAL_BACKENDS", "IOU_TYPES", "ArchSpec", "arch_spec"]
 
 #: COCO evaluation types, in the order metrics are reported.
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
+#: COCO evaluators (``eval.backend``): the same metrics; faster-coco-eval is an optional, faster install.
+EVAL_BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@ and the training data position (:class:`TrainBatches`) that checkpoints store an
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import os
 import random
 import time
@@ -96,19 +94,13 @@ def data_paths(run: Run) -> dict[str, Path | None]:
 def _shapes_paths(run: Run) -> dict[str, Path | None]:
     from .data import ensure_shapes_dataset
 
-    s = run.cfg.data.shapes
-    kwargs = dict(
-        num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
-        min_objects=s.min_objects, max_objects=s.max_objects, size_range=tuple(s.size_range),
-        distractors=tuple(s.distractors), min_visible=s.min_visible,
-    )
-    cache = Path(os.path.expanduser(s.cache_dir))
+    shapes = run.cfg.data.shapes
     if run.main:  # rank 0 generates; the others wait, then find it in the cache
         t0 = time.perf_counter()
-        paths = ensure_shapes_dataset(cache, **kwargs)
+        paths = ensure_shapes_dataset(config=shapes)
         run.log(f"shapes dataset ready in {time.perf_counter() - t0:.1f}s: {paths['train_ann'].parent.parent}")
     dist.barrier()
-    paths = ensure_shapes_dataset(cache, **kwargs)
+    paths = ensure_shapes_dataset(config=shapes)
     return {"train_ann": paths["train_ann"], "train_img": paths["train_img_dir"],
             "val_ann": paths.get("val_ann"), "val_img": paths.get("val_img_dir")}
 
@@ -162,7 +154,7 @@ class TrainBatches:
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
         self.loader = loader
         sampler = loader.batch_sampler
-        self.per_epoch: int = getattr(sampler, "batches_per_epoch", None) or len(sampler)  # temporary: older sampler
+        self.per_epoch: int = sampler.batches_per_epoch
         self.epoch = 0
         self.consumed = 0
 
@@ -190,8 +182,5 @@ class TrainBatches:
 def _start_epoch(loader: torch.utils.data.DataLoader, epoch: int, start_batch: int) -> Iterator[Any]:
     """Iterate ``loader`` over ``epoch`` from batch ``start_batch`` on."""
     sampler = loader.batch_sampler
-    if "start_batch" not in inspect.signature(sampler.set_epoch).parameters:  # temporary: older sampler
-        sampler.set_epoch(epoch)  # temporary: older sampler
-        return itertools.islice(iter(loader), start_batch, None)  # temporary: older sampler
     sampler.set_epoch(epoch, start_batch=start_batch)
     return iter(loader)

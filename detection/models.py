@@ -34,7 +34,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPH
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import MultiScaleRoIAlign
 
-from backbone import BackboneConfig, FeatureInfo, FeatureSpec, FPNConfig, build_backbone
+from backbone import BackboneConfig, FeatureInfo, FeatureSpec, build_backbone
 
 from .archs import ARCHS, ArchSpec, arch_spec
 from .heads import (
@@ -71,20 +71,10 @@ def detector_class(spec: ArchSpec) -> type[nn.Module]:
     raise ValueError(f"unknown detector family {spec.family!r}; expected 'rcnn', 'retinanet' or 'fcos'")
 
 
-def _config_from_mapping(fields: Mapping[str, Any]) -> BackboneConfig:
-    fields = dict(fields)
-    fpn = fields.pop("fpn", {})
-    if isinstance(fpn, bool):
-        fpn = {"enabled": fpn}
-    return BackboneConfig(**fields, fpn=fpn if isinstance(fpn, FPNConfig) else FPNConfig(**fpn))
-
-
 def _backbone_config(spec: str | BackboneConfig | Mapping[str, Any]) -> BackboneConfig:
     if isinstance(spec, str):
         return BackboneConfig(name=spec)
-    if isinstance(spec, BackboneConfig):
-        return spec
-    return _config_from_mapping(spec)
+    return BackboneConfig.from_mapping(spec)
 
 
 def _backbone_for_arch(arch: ArchSpec, spec: str | BackboneConfig | Mapping[str, Any]) -> nn.Module:

@@ -22,7 +22,7 @@ from typing import Literal
 
 from backbone.config import BackboneConfig
 
-from ..archs import ARCHS, IOU_TYPES, arch_spec
+from ..archs import ARCHS, EVAL_BACKENDS, IOU_TYPES, arch_spec
 from ..precision import AUTOCAST_DTYPES
 from .data import DataConfig
 from .errors import FieldError
@@ -44,6 +44,7 @@ __all__ = [
 ArchName = Literal[tuple(ARCHS)]  # type: ignore[valid-type]
 IouType = Literal[IOU_TYPES]  # type: ignore[valid-type]
 AmpDtype = Literal[AUTOCAST_DTYPES]  # type: ignore[valid-type]
+EvalBackend = Literal[EVAL_BACKENDS]  # type: ignore[valid-type]
 
 _BELOW_1 = Bound(0, 1, high_open=True)
 
@@ -268,7 +269,7 @@ class EvalConfig(Section):
         doc="mixed precision for evaluation; off by default so that boxes are decoded in float32.",
     )
     batch_size: int = option(1, bound=COUNT, doc="images per evaluation batch.")
-    backend: Literal["pycocotools", "faster_coco_eval"] = option(
+    backend: EvalBackend = option(
         "pycocotools", doc="COCO evaluator: pycocotools or faster_coco_eval (same metrics, faster)."
     )
     iou_types: tuple[IouType, ...] | None = option(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from ..archs import EVAL_BACKENDS, IOU_TYPES
 from ..data.annotations import make_coco
 from .checks import (
     check_gt_keypoints,
@@ -38,13 +39,14 @@ __all__ = [
     "run_cocoeval",
 ]
 
-Backend = Literal["pycocotools", "faster_coco_eval"]
 
 
-IouType = Literal["bbox", "segm", "keypoints"]
+
+IouType = Literal[IOU_TYPES]  # type: ignore[valid-type]
 
 
-BACKENDS: tuple[str, ...] = ("pycocotools", "faster_coco_eval")
+BACKENDS = EVAL_BACKENDS
+Backend = Literal[BACKENDS]  # type: ignore[valid-type]
 
 
 def backend_api(backend: str) -> tuple[type, type]:

@@ -75,3 +75,13 @@ def test_one_trainable_stages_check_for_config_and_body():
         body.freeze(7)
     with pytest.raises(ValueError, match=re.escape(message)):
         resnet_module.ResNetBody("basic", (1, 1, 1, 1), trainable_stages=7)
+
+
+def test_every_backbone_option_is_documented_in_its_field_metadata():
+    import dataclasses
+
+    from backbone import BackboneConfig, FPNConfig
+
+    for cls in (BackboneConfig, FPNConfig):
+        undocumented = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("doc")]
+        assert not undocumented, f"{cls.__name__} fields without metadata['doc']: {undocumented}"

@@ -13,7 +13,7 @@ import pytest
 
 from backbone.config import BackboneConfig, FPNConfig
 from detection import build_detector
-from detection.archs import ARCHS, IOU_TYPES
+from detection.archs import ARCHS, EVAL_BACKENDS, IOU_TYPES
 from detection.config import (
     AmpConfig,
     ConfigError,
@@ -76,6 +76,7 @@ def test_names_come_from_the_arch_table_and_the_precision_vocabulary():
     assert get_args(get_type_hints(AmpConfig)["dtype"]) == AUTOCAST_DTYPES
     iou_item = get_args(get_args(get_type_hints(EvalConfig)["iou_types"])[0])[0]
     assert get_args(iou_item) == IOU_TYPES
+    assert get_args(get_type_hints(EvalConfig)["backend"]) == EVAL_BACKENDS
     for name, spec in ARCHS.items():
         assert EvalConfig().resolved_iou_types(name) == spec.iou_types()
 
