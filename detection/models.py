@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -31,6 +31,7 @@ from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import MultiScaleRoIAlign
 
@@ -218,49 +219,68 @@ def _poolers(arch: ArchSpec, info: FeatureInfo, canonical: Any) -> dict[str, Mul
     return poolers
 
 
-def _box_heads(arch: ArchSpec, channels: int, num_classes: int, options: dict[str, Any],
-               dim: Any, convs: Any) -> None:
-    """Box head (two FC layers; conv + FC in the v2 models or with ``box_head_convs``) and predictor."""
-    dim = int(dim or _BOX_HEAD_DIM)
-    if options.get("box_head") is None:
-        resolution = options["box_roi_pool"].output_size[0]
-        if convs is None and arch.v2:
-            convs = _V2_BOX_CONVS
-        if convs is not None:
-            options["box_head"] = FastRCNNConvFCHead(
-                (channels, resolution, resolution), [int(c) for c in convs], [dim], norm_layer=nn.BatchNorm2d
-            )
-        else:
-            options["box_head"] = TwoMLPHead(channels * resolution**2, dim)
-    options.setdefault("box_predictor", Float32FastRCNNPredictor(dim, num_classes))
+def _put(options: dict[str, Any], key: str, make: Callable[[], nn.Module]) -> None:
+    """``options[key] = make()`` unless the caller gave that module (``make`` runs only when needed)."""
+    if options.get(key) is None:
+        options[key] = make()
 
 
-def _mask_heads(arch: ArchSpec, channels: int, num_classes: int, options: dict[str, Any], layers: Any) -> None:
-    """Mask head (four 3x3 convs, with BN in the v2 model) and predictor."""
-    layers = [int(c) for c in (layers or _MASK_HEAD_CHANNELS)]
-    norm = nn.BatchNorm2d if arch.v2 else None
-    options.setdefault("mask_head", MaskRCNNHeads(channels, layers, 1, norm_layer=norm))
-    options.setdefault("mask_predictor", Float32MaskRCNNPredictor(layers[-1], layers[-1], num_classes))
+def _box_head(arch: ArchSpec, channels: int, resolution: int, dim: Any, convs: Any) -> nn.Module:
+    """Two FC layers; conv + FC layers in the v2 models or with ``box_head_convs``."""
+    convs = _V2_BOX_CONVS if convs is None and arch.v2 else convs
+    if convs is None:
+        return TwoMLPHead(channels * resolution**2, int(dim or _BOX_HEAD_DIM))
+    return FastRCNNConvFCHead((channels, resolution, resolution), [int(c) for c in convs], [int(dim or _BOX_HEAD_DIM)],
+                              norm_layer=nn.BatchNorm2d)
+
+
+def _mask_head(arch: ArchSpec, channels: int, layers: Sequence[int]) -> nn.Module:
+    """Four 3x3 convs (or ``mask_head_channels``), with BN in the v2 model."""
+    return MaskRCNNHeads(channels, [int(c) for c in layers], 1, norm_layer=nn.BatchNorm2d if arch.v2 else None)
 
 
 def _rcnn_heads(arch: ArchSpec, channels: int, num_anchors: int, num_classes: int, info: FeatureInfo,
                 options: dict[str, Any]) -> None:
-    """Fill ``options`` with the R-CNN modules not given: RPN head, poolers, box / mask / keypoint heads."""
+    """Fill ``options`` with the R-CNN modules not given: poolers, RPN head, box / mask / keypoint heads.
+
+    Parameter initialisation draws from the global random stream, so the modules are made in one fixed
+    order: the heads sized by our own options, then the v2 heads, then the rest in the order
+    torchvision's constructors make them (mask or keypoint head and predictor, RPN head, box head and
+    predictor). Seeded models, and the results of the recipes, stay reproducible, and a default head
+    gets exactly the initial values torchvision's class would give it on the same backbone.
+    """
     box_dim, box_convs = options.pop("box_head_dim", None), options.pop("box_head_convs", None)
-    mask_layers = options.pop("mask_head_channels", None)
-    options.setdefault("rpn_head", Float32RPNHead(channels, num_anchors, conv_depth=2 if arch.v2 else 1))
+    custom_mask = options.pop("mask_head_channels", None)
+    mask_layers = [int(c) for c in custom_mask or _MASK_HEAD_CHANNELS]
     for key, pooler in _poolers(arch, info, options.pop("roi_canonical_scale", None)).items():
-        if options.get(key) is None:
-            options[key] = pooler
+        _put(options, key, lambda pooler=pooler: pooler)
     for key in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
         if options.get(key) is not None:
             _check_pooler(key, options[key], info)
-    _box_heads(arch, channels, num_classes, options, box_dim, box_convs)
+    res = options["box_roi_pool"].output_size[0]
+    box_dim_out = int(box_dim or _BOX_HEAD_DIM)
+    if box_dim is not None or box_convs is not None:
+        _put(options, "box_head", lambda: _box_head(arch, channels, res, box_dim, box_convs))
+        _put(options, "box_predictor", lambda: Float32FastRCNNPredictor(box_dim_out, num_classes))
+    if custom_mask is not None:
+        _put(options, "mask_head", lambda: _mask_head(arch, channels, mask_layers))
+        _put(options, "mask_predictor", lambda: Float32MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes))
+    if arch.v2:
+        _put(options, "rpn_head", lambda: Float32RPNHead(channels, num_anchors, conv_depth=2))
+        _put(options, "box_head", lambda: _box_head(arch, channels, res, None, None))
+        if arch.masks:
+            _put(options, "mask_head", lambda: _mask_head(arch, channels, mask_layers))
     if arch.masks:
-        _mask_heads(arch, channels, num_classes, options, mask_layers)
-    if arch.keypoints and options.get("keypoint_predictor") is None:
-        # KeypointRCNNHeads ends with 512 channels; torchvision predicts 17 (COCO) keypoints by default.
-        options["keypoint_predictor"] = Float32KeypointRCNNPredictor(512, options.pop("num_keypoints", None) or 17)
+        _put(options, "mask_head", lambda: _mask_head(arch, channels, mask_layers))
+        _put(options, "mask_predictor", lambda: Float32MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes))
+    if arch.keypoints:
+        # torchvision's keypoint head: eight 3x3 convs of 512 channels; 17 (COCO) keypoints by default.
+        _put(options, "keypoint_head", lambda: KeypointRCNNHeads(channels, tuple(512 for _ in range(8))))
+        num_keypoints = options.pop("num_keypoints", None) or 17
+        _put(options, "keypoint_predictor", lambda: Float32KeypointRCNNPredictor(512, num_keypoints))
+    _put(options, "rpn_head", lambda: Float32RPNHead(channels, num_anchors))
+    _put(options, "box_head", lambda: _box_head(arch, channels, res, None, None))
+    _put(options, "box_predictor", lambda: Float32FastRCNNPredictor(box_dim_out, num_classes))
 
 
 def _one_stage_head(arch: ArchSpec, channels: int, num_anchors: int, num_classes: int) -> nn.Module:

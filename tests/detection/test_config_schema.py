@@ -26,7 +26,7 @@ from detection.config import (
     config_reference,
     load_config,
 )
-from detection.models import ARCHS as BUILDERS
+from detection.models import detector_class
 from detection.models import OWN_OPTIONS
 from detection.precision import AUTOCAST_DTYPES
 
@@ -59,7 +59,7 @@ def write(folder: Path, name: str, text: str) -> Path:
 
 
 def torchvision_keywords(arch: str) -> set[str]:
-    params = inspect.signature(BUILDERS[arch].cls.__init__).parameters
+    params = inspect.signature(detector_class(ARCHS[arch]).__init__).parameters
     return {p for p in params if p not in ("self", "kwargs")}
 
 

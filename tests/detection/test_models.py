@@ -250,3 +250,31 @@ def test_roi_canonical_scale_moves_small_boxes_to_coarser_levels():
     assert levels(small, [30, 60, 100]) == [0, 1, 1]
     with pytest.raises(ValueError, match="roi_canonical_scale must be a positive box side in pixels for an R-CNN arch"):
         build_detector("retinanet", backbone="resnet18", num_classes=4, roi_canonical_scale=112)
+
+
+@pytest.mark.parametrize("arch", ["faster_rcnn", "mask_rcnn", "keypoint_rcnn"])
+def test_default_heads_start_from_the_values_torchvisions_class_gives_them(arch):
+    """Heads are made in torchvision's order, so the same seed gives the same initial parameters."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from backbone import build_backbone
+    from detection.archs import ARCHS
+    from detection.models import detector_class
+
+    spec = {"name": "resnet18", "fpn": {"out_channels": 64}}
+    torch.manual_seed(0)
+    ours = build_detector(arch, spec, num_classes=3)
+    torch.manual_seed(0)
+    names = ["p2", "p3", "p4", "p5"]
+    pools = {"box_roi_pool": MultiScaleRoIAlign(names, 7, 2)}
+    if arch == "mask_rcnn":
+        pools["mask_roi_pool"] = MultiScaleRoIAlign(names, 14, 2)
+    if arch == "keypoint_rcnn":
+        pools["keypoint_roi_pool"] = MultiScaleRoIAlign(names, 14, 2)
+    reference = detector_class(ARCHS[arch])(
+        build_backbone(spec), num_classes=3, rpn_anchor_generator=ours.rpn.anchor_generator, **pools
+    )
+    expected = reference.state_dict()
+    got = ours.state_dict()
+    assert got.keys() == expected.keys()
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []

@@ -111,9 +111,9 @@ def test_generator_argument_errors(tmp_path):
     # the range checks are ShapesConfig's
     with pytest.raises(ValueError, match=re.escape("min_objects must be in 0..max_objects (2); got 3")):
         make_shapes_dataset(tmp_path, num_images=1, image_size=32, seed=0, min_objects=3, max_objects=2)
-    with pytest.raises(ValueError, match=re.escape("image_size must be >= 16 pixels; got 8")):
+    with pytest.raises(ValueError, match=re.escape("image_size must be >= 16; got 8")):
         make_shapes_dataset(tmp_path, num_images=1, image_size=8, seed=0)
-    with pytest.raises(ValueError, match=re.escape("image_size must be >= 16 pixels; got 8")):
+    with pytest.raises(ValueError, match=re.escape("image_size must be >= 16; got 8")):
         make_shapes_dataset(tmp_path, num_images=1, image_size=(8, 40), seed=0)
     with pytest.raises(
         ValueError,
