@@ -184,7 +184,8 @@ def _config(given: ExperimentConfig | str | os.PathLike[str] | None, overrides: 
         return load_config(given, overrides)
     stored = extras.get("config")
     if not isinstance(stored, dict):
-        raise ConfigError(f"{checkpoint}: the file stores no config; pass config= (the YAML the model was built from)")
+        raise ConfigError(f"{checkpoint}: the file stores no config; give the config the model was built from "
+                          "(load_run(..., config=FILE), or --config FILE)")
     if not overrides:
         return from_dict(ExperimentConfig, stored, source=f"{checkpoint} (stored config)")
     # The loader's own override rules (dotted keys, YAML values, the same strict converter).

@@ -133,7 +133,7 @@ def _infer(args: argparse.Namespace) -> int:
             except (DatasetError, OSError) as exc:
                 if args.on_bad_image == "error":
                     raise
-                print(f"warning: skipped {path}: {exc}", file=sys.stderr)
+                print(f"warning: {exc}; skipped", file=sys.stderr)
     finally:
         _write(out_dir, results, images, run.class_names)
     skipped = len(files) - len(images)

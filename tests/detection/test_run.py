@@ -108,7 +108,7 @@ def test_the_fast_path_is_a_new_object_with_the_same_detections(tiny_run, coco12
 def test_a_state_dict_without_a_config_asks_for_one(tiny_run, tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save(read_detector_checkpoint(tiny_run / "model_final.pth")[0], plain)
-    with pytest.raises(ConfigError, match="stores no config; pass config="):
+    with pytest.raises(ConfigError, match="stores no config; give the config"):
         load_run(plain)
     run = load_run(plain, config=tiny_run / "config.yaml", log=lambda s: None)
     assert run.class_names[1] == "class 1"  # no category mapping in a bare state dict

@@ -53,7 +53,8 @@ def test_with_ann_results_carry_coco_ids_and_eval_det_scores_them(load_tool, tin
                                       "--output-dir", str(out), "--score-threshold", "0"])
     assert rc == 0
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"warning: skipped {folder / '000000000034.jpg'}: cannot read image")
+    assert len(err) == 1 and err[0].startswith(f"warning: cannot read image {folder / '000000000034.jpg'}: ")
+    assert err[0].endswith("; skipped")
     coco_ids = {Path(im["file_name"]).name: im["id"] for im in json.loads(ann.read_text())["images"]}
     listed = _images_json(out)["images"]
     assert {im["id"]: Path(im["file_name"]).name for im in listed} == {coco_ids[n]: n for n in IMAGES}
@@ -75,7 +76,7 @@ def test_without_ann_ids_are_file_stems(load_tool, tiny_run, folder, tmp_path, c
     assert ids == {"000000000009.jpg": 9, "000000000025.jpg": 25, "000000000030.jpg": 30, "holiday.jpg": 35}
     assert {r["image_id"] for r in json.loads((out / "results.json").read_text())} == set(ids.values())
     assert (out / "holiday.png").is_file()
-    assert capsys.readouterr().err.count("warning: skipped") == 1
+    assert capsys.readouterr().err.count("; skipped\n") == 1
 
 
 def test_on_bad_image_error_stops_with_one_line_and_keeps_the_results_so_far(load_tool, tiny_run, folder, tmp_path, capsys):
