@@ -9,9 +9,10 @@ This package depends only on torch and torchvision and can be imported into any 
     bb.feature_info.reduction()     # (4, 8, 16, 32, 64), timm's convention
     bb.output_shape()["p3"]         # ShapeSpec(channels=256, ..., stride=8), detectron2's convention
     features = bb(images)           # OrderedDict p2..p6 (a dict in TorchScript)
+    build_backbone("resnet18", torchvision_names=True).feature_info.names()  # ('0', '1', '2', '3', 'pool')
 """
 
-from .build import BackboneWithFPN, build_backbone, load_backbone_weights
+from .build import BackboneWithFPN, build_backbone, load_backbone_weights, torchvision_level_names
 from .config import ARCHITECTURES, BackboneConfig, FPNConfig
 from .features import FeatureInfo, FeatureSpec, ShapeSpec
 from .fpn import FPN
@@ -41,4 +42,5 @@ __all__ = [
     "read_checkpoint",
     "safe_load",
     "summarize",
+    "torchvision_level_names",
 ]

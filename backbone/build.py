@@ -1,7 +1,8 @@
 """``build_backbone``: the single translator from options to modules, and ``BackboneWithFPN``."""
 
 import warnings
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +15,21 @@ from .norm import make_norm
 from .resnet import ResNetBody
 from .weights import load_backbone_weights
 
-__all__ = ["BackboneWithFPN", "build_backbone", "load_backbone_weights"]
+__all__ = ["BackboneWithFPN", "build_backbone", "load_backbone_weights", "torchvision_level_names"]
+
+#: torchvision's names for the levels an FPN extra block adds (``LastLevelMaxPool``, ``LastLevelP6P7``).
+_TORCHVISION_EXTRA_NAMES = {"maxpool": ("pool",), "p6p7_c5": ("p6", "p7"), "p6p7_p5": ("p6", "p7")}
+
+
+def torchvision_level_names(body: ResNetBody, fpn: FPN | None = None) -> list[str]:
+    """torchvision's names for the outputs of ``body`` (+ ``fpn``): ``'0'``, ``'1'``, ... for the levels
+    built on body outputs, then the extra block's (``'pool'``, or ``'p6'``, ``'p7'``).
+
+    These are the names torchvision's ``resnet_fpn_backbone`` returns and its detectors' default
+    RoI poolers (``featmap_names=['0', '1', '2', '3']``) read.
+    """
+    numbered = [str(i) for i in range(len(body.feature_info))]
+    return numbered + list(_TORCHVISION_EXTRA_NAMES.get(fpn.extra, ())) if fpn is not None else numbered
 
 
 class BackboneWithFPN(nn.Module):
@@ -30,18 +45,37 @@ class BackboneWithFPN(nn.Module):
         fpn: the :class:`~backbone.fpn.FPN`, or ``None`` when built without one.
         feature_info: outputs of ``forward`` (name, channels, stride), e.g. ``p2``..``p6``.
         out_channels: torchvision's convention: the channels every output level shares.
+        out_names: the names ``forward`` gives its outputs, in order: ``feature_info.names()``.
+
+    Args:
+        body, fpn: the modules.
+        names: rename the outputs (one name per output, in order), e.g. torchvision's
+            ``'0'``..``'3'``, ``'pool'`` (see :func:`torchvision_level_names`); ``None`` keeps
+            ``feature_info``'s names of the body / FPN. Only the output keys change, not the state dict.
 
     Input: float tensor ``[N, 3, H, W]``. Output: ``OrderedDict`` name -> ``[N, C, H/s, W/s]``.
     """
 
     # Python-side metadata: TorchScript leaves these properties out of the compiled module.
     __jit_unused_properties__ = ["feature_info", "size_divisibility"]
+    # Plain attributes for forward (which TorchScript compiles; it cannot read FeatureInfo).
+    renamed: bool
+    inner_names: list[str]
+    out_names: list[str]
 
-    def __init__(self, body: ResNetBody, fpn: FPN | None = None) -> None:
+    def __init__(self, body: ResNetBody, fpn: FPN | None = None, names: Sequence[str] | None = None) -> None:
         super().__init__()
         self.body = body
         self.fpn = fpn
         self.out_channels: int = fpn.out_channels if fpn is not None else body.out_channels
+        inner = self._inner_feature_info()
+        if names is not None and len(names) != len(inner):
+            raise ValueError(f"names: expected {len(inner)} names, one per output {list(inner.names())}; got {list(names)}")
+        self.renamed = names is not None
+        self.inner_names = list(inner.names())
+        self.out_names = list(names) if names is not None else list(inner.names())
+        if self.renamed:
+            FeatureInfo(self._renamed(inner))  # validates the names (unique, non-empty) now
         #: Convert the input batch to the channels-last memory format (see :meth:`set_channels_last`).
         self.channels_last = False
 
@@ -55,9 +89,16 @@ class BackboneWithFPN(nn.Module):
         self.channels_last = enabled
         return self
 
+    def _inner_feature_info(self) -> FeatureInfo:
+        return self.fpn.feature_info if self.fpn is not None else self.body.feature_info
+
+    def _renamed(self, inner: FeatureInfo) -> list[tuple[str, int, int]]:
+        return [(name, s.channels, s.stride) for name, s in zip(self.out_names, inner)]
+
     @property
     def feature_info(self) -> FeatureInfo:
-        return self.fpn.feature_info if self.fpn is not None else self.body.feature_info
+        inner = self._inner_feature_info()
+        return FeatureInfo(self._renamed(inner)) if self.renamed else inner
 
     def output_shape(self) -> dict[str, ShapeSpec]:
         """detectron2 convention: ``{name: ShapeSpec(channels, stride)}``."""
@@ -73,11 +114,15 @@ class BackboneWithFPN(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.body(x)
         if self.fpn is not None:
-            return self.fpn(features)
+            features = self.fpn(features)
+        if self.renamed:
+            return OrderedDict([(new, features[old]) for old, new in zip(self.inner_names, self.out_names)])
         return features
 
 
-def build_backbone(spec: str | BackboneConfig | Mapping[str, Any] | None = None, /, **options: Any) -> BackboneWithFPN:
+def build_backbone(
+    spec: str | BackboneConfig | Mapping[str, Any] | None = None, /, *, torchvision_names: bool = False, **options: Any
+) -> BackboneWithFPN:
     """Build a ResNet(-FPN) backbone.
 
     Args:
@@ -88,6 +133,14 @@ def build_backbone(spec: str | BackboneConfig | Mapping[str, Any] | None = None,
         **options: see :class:`BackboneConfig` (``weights``, ``norm``, ``trainable_stages``,
             ``norm_eval``, ``out_features``, ``style``, ``output_stride``, ``zero_init_residual``,
             ``checkpoint_stages``, ``base_channels``, ``fpn``).
+        torchvision_names: name the outputs as torchvision's ``resnet_fpn_backbone`` does (``'0'``,
+            ``'1'``, ``'2'``, ``'3'``, ``'pool'`` for the default P2-P6; see
+            :func:`torchvision_level_names`); ``feature_info`` follows. Use it to plug the backbone
+            into a torchvision detector with its default RoI poolers, which read levels ``'0'``..``'3'``:
+            ``FasterRCNN(build_backbone("resnet18", torchvision_names=True), num_classes=4)``. With our
+            names (``p2``..``p6``) such a detector fails at its first forward inside torchvision
+            (``IndexError`` in ``MultiScaleRoIAlign``) unless it is given a pooler with
+            ``featmap_names=bb.feature_info.names()[:4]``; :func:`detection.build_detector` does that.
 
     Returns:
         :class:`BackboneWithFPN`. Defaults reproduce torchvision's ``resnet_fpn_backbone``:
@@ -134,4 +187,4 @@ def build_backbone(spec: str | BackboneConfig | Mapping[str, Any] | None = None,
     fpn = None
     if cfg.fpn.enabled:
         fpn = FPN(body.feature_info, cfg.fpn.out_channels, extra=cfg.fpn.resolved_extra(), norm=cfg.fpn.resolved_norm())
-    return BackboneWithFPN(body, fpn)
+    return BackboneWithFPN(body, fpn, torchvision_level_names(body, fpn) if torchvision_names else None)
