@@ -26,8 +26,7 @@ from detection.config import (
     config_reference,
     load_config,
 )
-from detection.models import detector_class
-from detection.models import OWN_OPTIONS
+from detection.models import OWN_OPTIONS, detector_class
 from detection.precision import AUTOCAST_DTYPES
 
 # Keywords of torchvision's detector classes that are modules, not config values.
