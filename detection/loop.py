@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed as dist
 from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
-from .engine import NonFiniteLossError, describe_bad_step, to_device, train_step
+from .engine import NonFiniteLossError, describe_bad_step, non_finite_tensors, to_device, train_step
 from .experiment import Run, TrainBatches
 from .logger import JsonlWriter, ProgressLogger
 from .precision import PrecisionPolicy
@@ -48,6 +48,9 @@ class TrainState:
     batches: TrainBatches
     iteration: int = 0
     best_metric: float = -math.inf
+    bad_steps: int = 0  # consecutive skipped (non-finite) steps
+    skipped_steps: int = 0  # skipped steps in the whole training
+    first_bad_step: str = ""  # description of the first skipped step
 
     def state_dict(self) -> dict[str, Any]:
         position = self.batches.state_dict()
@@ -55,6 +58,7 @@ class TrainState:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "sampler": position,
             "iteration": self.iteration, "epoch": position["epoch"], "best_metric": self.best_metric,
+            "bad_steps": {"consecutive": self.bad_steps, "total": self.skipped_steps, "first": self.first_bad_step},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -65,6 +69,9 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.best_metric = float(state.get("best_metric", -math.inf))
+        bad = state.get("bad_steps") or {}
+        self.bad_steps, self.skipped_steps = int(bad.get("consecutive", 0)), int(bad.get("total", 0))
+        self.first_bad_step = str(bad.get("first", ""))
         self.batches.load_state_dict(state.get("sampler") or self.batches.position_at(self.iteration))
 
 
@@ -102,8 +109,8 @@ class TrainLoop:
         self.progress = ProgressLogger(max_iters, state.iteration, run.device, t.batch_size * run.world, enabled=run.main)
         self.no_sync = getattr(model, "no_sync", None)
         self.micro_step = 0  # position in the gradient accumulation
-        self.bad_steps = 0  # consecutive non-finite steps
         self.window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
+        self.window_skipped = 0  # skipped steps since the last report
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> float:
@@ -143,28 +150,34 @@ class TrainLoop:
             )
             self.micro_step = (self.micro_step + 1) % t.accumulate_grad_steps
             if result.finite:
-                self.bad_steps = 0
+                s.bad_steps = 0
                 for k, v in result.losses.items():
                     self.window.setdefault(k, []).append(v)
             else:
-                self.non_finite(result.losses, [int(x["image_id"]) for x in targets])
+                self.non_finite(result.losses, [int(x["image_id"]) for x in targets], result.bad or "loss")
         s.iteration += 1
         with warnings.catch_warnings():
             # The schedule follows iterations, also when a skipped (non-finite) step made no update.
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             s.scheduler.step()
 
-    def non_finite(self, losses: Mapping[str, float], image_ids: list[int]) -> None:
-        """A skipped step: warn, or stop after ``train.max_bad_steps`` in a row."""
-        limit = self.run.cfg.train.max_bad_steps
-        self.bad_steps += 1
+    def non_finite(self, losses: Mapping[str, float], image_ids: list[int], bad: str) -> None:
+        """A skipped step (the weights were not touched): warn, or stop after ``train.max_bad_steps`` in a row."""
+        s, limit = self.state, self.run.cfg.train.max_bad_steps
+        s.bad_steps += 1
+        s.skipped_steps += 1
+        self.window_skipped += 1
         self.micro_step = 0
-        message = describe_bad_step(self.state.iteration + 1, losses, image_ids, self.bad_steps, limit)
-        if self.bad_steps >= limit:
-            raise NonFiniteLossError(message + "; stopping. Lower train.optimizer.lr, enable "
-                                     "train.clip_grad_norm, or check these images' annotations.")
+        message = describe_bad_step(s.iteration + 1, losses, image_ids, bad)
+        s.first_bad_step = s.first_bad_step or message
+        if s.bad_steps >= limit:
+            raise NonFiniteLossError(
+                f"{s.bad_steps} consecutive non-finite steps (train.max_bad_steps={limit}), the last {message}; "
+                f"first bad step: {s.first_bad_step}; stopping. Lower train.optimizer.lr, enable "
+                "train.clip_grad_norm, or check these images' annotations."
+            )
         self.progress.newline()
-        self.run.log("warning: skipped step, " + message)
+        self.run.log(f"warning: skipped step ({s.bad_steps} in a row, limit {limit}), " + message)
 
     def after_iteration(self) -> None:
         t, it = self.run.cfg.train, self.state.iteration
@@ -178,10 +191,13 @@ class TrainLoop:
             self.periodic_evaluation()
 
     def report(self) -> None:
-        """Log the losses averaged over the ranks and the iterations since the last report."""
+        """Log the losses averaged over the ranks and the finite iterations since the last report;
+        a report with only skipped steps says so (``"skipped": true``, no loss)."""
         losses = dist.reduce_mean({k: torch.tensor(sum(v) / len(v)) for k, v in self.window.items()})
-        self.window = {}
-        record = self.progress.update(self.state.iteration, losses, self.state.optimizer.param_groups[0]["lr"])
+        skipped = self.window_skipped
+        self.window, self.window_skipped = {}, 0
+        record = self.progress.update(self.state.iteration, losses, self.state.optimizer.param_groups[0]["lr"],
+                                      skipped=skipped)
         if self.jsonl is not None:
             self.jsonl.write({"type": "train", "epoch": self.state.batches.epoch, **record})
 
@@ -202,9 +218,26 @@ class TrainLoop:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def snapshot(self, *, collective: bool = True) -> dict[str, Any]:
-        """The checkpoint contents; with ``collective`` every rank must call it (RNG states are gathered)."""
+        """The checkpoint contents; with ``collective`` every rank must call it (RNG states are gathered).
+
+        Raises:
+            NonFiniteLossError: the weights hold NaN or inf (nothing is saved from them).
+        """
+        self.check_weights()
         rngs = dist.all_gather_object(capture_rng_state()) if collective else [capture_rng_state()]
         return {**self.state.state_dict(), "rng": rngs, **self.extras}
+
+    def check_weights(self) -> None:
+        """Raise :class:`NonFiniteLossError` when a weight or buffer of the model is NaN or inf."""
+        bad = non_finite_tensors(self.state.model)
+        if bad:
+            s = self.state
+            first = f"first bad step: {s.first_bad_step}" if s.first_bad_step else "no step had a non-finite loss or gradient"
+            raise NonFiniteLossError(
+                f"the model diverged: {len(bad)} of {len(s.model.state_dict())} weight tensors are non-finite "
+                f"(e.g. {bad[0]}) at iteration {s.iteration}; nothing saved from them; {first}. "
+                "Lower train.optimizer.lr or enable train.clip_grad_norm."
+            )
 
     def interrupted(self) -> TrainingInterrupted:
         """After Ctrl-C: rank 0 saves a numbered checkpoint (no collective calls: other ranks may be gone)."""

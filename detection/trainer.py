@@ -31,7 +31,7 @@ from . import distributed as dist
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
-from .logger import JsonlWriter, format_duration, read_jsonl
+from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
 from .loop import TrainingInterrupted, TrainLoop, TrainState, restore_rng
 from .models import build_detector
 from .precision import PrecisionPolicy
@@ -74,7 +74,9 @@ def train(
         log: where progress text goes (rank 0 only).
 
     Raises:
-        NonFiniteLossError: ``train.max_bad_steps`` consecutive steps had non-finite losses.
+        NonFiniteLossError: ``train.max_bad_steps`` consecutive steps had non-finite losses or gradients
+            (skipped without touching the weights), or the weights became non-finite (found before
+            a checkpoint is written: nothing is saved from them).
         TrainingInterrupted: Ctrl-C; a checkpoint was saved before raising.
     """
     cfg.data.validate_for_training()
@@ -88,6 +90,8 @@ def train(
 def _train(run: Run, resume: str | os.PathLike[str] | bool | None, weights: str | os.PathLike[str] | None) -> dict[str, float]:
     cfg = run.cfg
     resume_path, ckpt = _read_resume(run, resume)
+    if run.main:
+        _tidy_output_dir(run, ckpt)
     paths = data_paths(run)
     train_set, val_set = build_datasets(run, paths, train=True, categories=_saved_categories(ckpt))
     categories = train_set.categories
@@ -153,6 +157,19 @@ def _read_resume(run: Run, resume: str | os.PathLike[str] | bool | None) -> tupl
             + "\n(left: checkpoint, right: this run). Use the checkpoint's config.yaml, or start a new output folder."
         )
     return path, ckpt
+
+
+def _tidy_output_dir(run: Run, ckpt: Mapping[str, Any] | None) -> None:
+    """Remove temporary files a killed run left behind, and, when resuming, the ``metrics.jsonl``
+    records after the checkpoint's iteration (they are about to be run again)."""
+    leftovers = Checkpointer(run.output_dir).remove_leftovers()
+    if leftovers:
+        run.log(f"removed {len(leftovers)} temporary file(s) left by an interrupted write in {run.output_dir}: "
+                + ", ".join(p.name for p in leftovers[:5]) + (" ..." if len(leftovers) > 5 else ""))
+    if ckpt is not None:
+        dropped = drop_records_after(run.output_dir / "metrics.jsonl", int(ckpt["iteration"]))
+        if dropped:
+            run.log(f"metrics.jsonl: dropped {dropped} record(s) after iteration {ckpt['iteration']} (run again now)")
 
 
 def _saved_categories(ckpt: Mapping[str, Any] | None) -> Any:

@@ -80,10 +80,21 @@ def test_resume_continues_exactly(finished_run, tmp_path, shapes_cache):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(out / "model_0000002.pth", resumed / "model_0000002.pth")
-    train(smoke_cfg(shapes_cache), output_dir=resumed, resume=True, log=lambda s: None)
+    # A run killed after iteration 4 was logged: its records after the checkpoint are dropped on resume.
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    # Temporary files of writes killed midway are removed at start-up; other files are left alone.
+    for name in (".model_0000004.pth.0123456789ab.tmp", ".metrics.json.abcdef012345.tmp"):
+        (resumed / name).write_bytes(b"PK partial")
+    (resumed / "notes.tmp").write_text("mine")
+    logged = []
+    train(smoke_cfg(shapes_cache), output_dir=resumed, resume=True, log=logged.append)
+    assert sorted(p.name for p in resumed.glob("*.tmp")) == ["notes.tmp"] and not list(resumed.glob(".*.tmp"))
+    assert sum("removed 2 temporary file(s)" in line for line in logged) == 1
+    records = read_jsonl(resumed / "metrics.jsonl")
+    assert [r["iteration"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in records if r["type"] == "eval"] == [4]
     after = train_losses(resumed)
-    assert sorted(after) == [3, 4]
-    for it in (3, 4):
+    for it in (1, 2, 3, 4):
         assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
 
 
@@ -166,10 +177,15 @@ def test_non_finite_losses_skip_steps_then_stop_with_context(tmp_path, shapes_ca
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg, output_dir=tmp_path, log=logged.append)
     message = str(info.value)
-    assert message.startswith("non-finite loss at iteration 3 (3 consecutive, limit 3): ")
+    assert message.startswith("3 consecutive non-finite steps (train.max_bad_steps=3), the last non-finite loss at "
+                              "iteration 3: ")
+    assert "first bad step: non-finite loss at iteration 1: " in message
     assert "loss_mask=nan" in message and "loss_classifier=" in message
     assert re.search(r"image ids in this batch: \[\d+, \d+\]", message)
-    assert sum("skipped step, non-finite loss at iteration" in line for line in logged) == 2
+    assert sum("non-finite loss at iteration" in line and "skipped step" in line for line in logged) == 2
+    # Skipped steps are logged as skipped, never as a loss of 0.
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "train"]
+    assert [r["iteration"] for r in records] == [1, 2] and all(r["skipped"] is True and "loss" not in r for r in records)
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch):
