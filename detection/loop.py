@@ -111,6 +111,9 @@ class TrainLoop:
         self.micro_step = 0  # position in the gradient accumulation
         self.window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
         self.window_skipped = 0  # skipped steps since the last report
+        # Where the current iteration started: (iteration, data position, RNG state); a Ctrl-C checkpoint
+        # taken before the iteration finished is written from there, so the resumed run repeats it exactly.
+        self.step_start: tuple[int, dict[str, int], dict[str, Any]] | None = None
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> float:
@@ -129,6 +132,7 @@ class TrainLoop:
         epoch, skipped = self.state.batches.epoch, 0
         for images, targets, bad in self.state.batches.epoch_batches():
             skipped += len(bad)
+            self.step_start = (self.state.iteration, self.state.batches.position_before_last(), capture_rng_state())
             self.iteration(images, targets)
             self.after_iteration()
             if self.state.iteration >= self.max_iters:
@@ -240,9 +244,19 @@ class TrainLoop:
             )
 
     def interrupted(self) -> TrainingInterrupted:
-        """After Ctrl-C: rank 0 saves a numbered checkpoint (no collective calls: other ranks may be gone)."""
+        """After Ctrl-C: rank 0 saves a numbered checkpoint (no collective calls: other ranks may be gone).
+
+        Interrupted inside an iteration, the checkpoint holds the data position and RNG state of that
+        iteration's start (its update, if any, was not made), so ``--resume`` runs it again exactly as an
+        uninterrupted run would. The message is in the exception only (the caller reports it once).
+        """
         self.progress.newline()
-        path = self.checkpointer.save_numbered(self.state.iteration, self.snapshot(collective=False)) if self.run.main else None
+        path = None
+        if self.run.main:
+            snapshot = self.snapshot(collective=False)
+            if self.step_start is not None and self.step_start[0] == self.state.iteration:
+                _, position, rng = self.step_start
+                snapshot.update(sampler=position, epoch=position["epoch"], rng=[rng])
+            path = self.checkpointer.save_numbered(self.state.iteration, snapshot)
         message = f"interrupted at iteration {self.state.iteration}; checkpoint saved to {path}. Continue with --resume."
-        self.run.log(message)
         return TrainingInterrupted(message, path)

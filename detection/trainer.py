@@ -272,8 +272,12 @@ def evaluate_only(
     log: Callable[[str], None] = print,
     optimize: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint on ``cfg``'s validation set; writes ``metrics.json``, ``results.json`` and
-    ``predictions.png`` into the output folder and returns the metrics.
+    """Evaluate a checkpoint on ``cfg``'s validation set; writes ``config.yaml``, ``metrics.json``,
+    ``results.json`` and ``predictions.png`` into an evaluation folder and returns the metrics.
+
+    The folder is ``output_dir`` if given, else ``eval/`` next to ``weights``; a folder that holds a
+    training run (``metrics.jsonl``, ``last_checkpoint`` or checkpoints) gets an ``eval/`` subfolder
+    instead, so a training run's files are never replaced. The folder used is logged.
 
     ``optimize`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) evaluates the model that
     :func:`detection.optimize_for_inference` returns at that backbone precision.
@@ -283,11 +287,23 @@ def evaluate_only(
     when the model has ``max(category id) + 1`` classes and the checkpoint stores no mapping, labels
     are taken to be category ids.
     """
-    run = Run(cfg, output_dir, log)
+    weights = Path(weights).expanduser()
+    folder = evaluation_dir(weights, output_dir)
+    run = Run(cfg, folder, log)
+    run.log(f"evaluation outputs go to {folder}")
     try:
-        return _evaluate_only(run, Path(weights).expanduser(), optimize)
+        return _evaluate_only(run, weights, optimize)
     finally:
         dist.cleanup()
+
+
+def evaluation_dir(weights: Path, output_dir: str | os.PathLike[str] | None) -> Path:
+    """Where :func:`evaluate_only` writes: ``output_dir`` (or ``weights``' folder) unless it holds a
+    training run, then its ``eval/`` subfolder."""
+    folder = Path(output_dir).expanduser() if output_dir is not None else weights.parent
+    training = folder.is_dir() and any((folder / name).exists() for name in ("metrics.jsonl", "last_checkpoint")) \
+        or any(folder.glob("model_*.pth"))
+    return folder / "eval" if training or output_dir is None else folder
 
 
 def _evaluate_only(run: Run, weights: Path, optimize: str | None = None) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """The trainer end to end on the smoke config: outputs, exact resume, guards, interruption, checkpoints."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ from detection.checkpoint import Checkpointer, load_checkpoint
 from detection.config import load_config
 from detection.engine import NonFiniteLossError
 from detection.logger import read_jsonl
-from detection.trainer import ResumeError, TrainingInterrupted, evaluate_only, train
+from detection.trainer import ResumeError, evaluate_only, train
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke" / "tiny_cpu.yaml"
@@ -54,7 +55,9 @@ def test_a_run_writes_every_output(finished_run):
         with Image.open(out / png) as img:
             img.load()
             assert img.size[0] > 100 and img.size[1] > 100
-    assert load_config(out / "config.yaml") == smoke_cfg(load_config(out / "config.yaml").data.shapes.cache_dir)
+    saved_cfg = load_config(out / "config.yaml")
+    assert saved_cfg.output_dir == str(out)  # the folder actually used, not the config's output/smoke
+    assert saved_cfg == dataclasses.replace(smoke_cfg(saved_cfg.data.shapes.cache_dir), output_dir=str(out))
 
 
 def test_checkpoint_holds_everything_needed_to_resume(finished_run):
@@ -149,6 +152,19 @@ def test_eval_only_reproduces_the_final_metrics(finished_run, tmp_path, shapes_c
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "predictions.png").is_file()
 
 
+def test_eval_only_never_writes_over_a_training_run(finished_run, shapes_cache):
+    from tools.train_det import main
+
+    out, _ = finished_run
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "results.json", "config.yaml", "predictions.png")}
+    args = ["--config", str(SMOKE), "--set", f"data.shapes.cache_dir={shapes_cache}", "--eval-only"]
+    assert main([*args, "--output-dir", str(out)]) == 0  # the training folder: its newest checkpoint, eval/ inside
+    assert {name: (out / name).read_bytes() for name in before} == before
+    for name in before:
+        assert (out / "eval" / name).is_file(), name
+    assert load_config(out / "eval" / "config.yaml").output_dir == str(out / "eval")
+
+
 class NanLosses(torch.nn.Module):
     """Wraps a detector and poisons one loss term in training."""
 
@@ -188,24 +204,36 @@ def test_non_finite_losses_skip_steps_then_stop_with_context(tmp_path, shapes_ca
     assert [r["iteration"] for r in records] == [1, 2] and all(r["skipped"] is True and "loss" not in r for r in records)
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch):
+def test_ctrl_c_mid_iteration_resumes_exactly_and_is_reported_once(finished_run, tmp_path, shapes_cache, monkeypatch,
+                                                                    capsys):
+    from tools.train_det import main
+
+    out, _ = finished_run
     real_step = loop_mod.train_step
     calls = {"n": 0}
 
     def interrupting_step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 3:  # Ctrl-C in the middle of iteration 3's forward pass, after it drew random numbers
+            torch.rand(1000)
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(loop_mod, "train_step", interrupting_step)
-    with pytest.raises(TrainingInterrupted) as info:
-        train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, log=lambda s: None)
-    assert info.value.checkpoint == tmp_path / "model_0000002.pth"
-    assert load_checkpoint(info.value.checkpoint)["iteration"] == 2
+    args = ["--config", str(SMOKE), "--output-dir", str(tmp_path), "--set", f"data.shapes.cache_dir={shapes_cache}",
+            "train.checkpoint_period=0"]
+    assert main(args) == 130
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("interrupted at iteration 2") == 1
+    ckpt = load_checkpoint(tmp_path / "model_0000002.pth")
+    assert ckpt["iteration"] == 2 and ckpt["sampler"] == {"epoch": 0, "start_batch": 2}
     monkeypatch.setattr(loop_mod, "train_step", real_step)
-    train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, resume=True, log=lambda s: None)
+    assert main([*args, "--resume"]) == 0
     assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
+    reference, after = train_losses(out), train_losses(tmp_path)
+    assert sorted(after) == [1, 2, 3, 4]
+    for it in (3, 4):
+        assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
 
 
 def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
