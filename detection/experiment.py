@@ -44,7 +44,7 @@ class Run:
         self.cfg = cfg
         self.log_fn = log
         self.device = select_device(cfg.train.device)
-        self.rank, self.world, local_rank = dist.init_from_env(self.device.type)
+        self.rank, self.world, local_rank = dist.init_from_env(self.device.type, cfg.train.dist_timeout)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
         self.main = self.rank == 0

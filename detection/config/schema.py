@@ -246,6 +246,12 @@ class TrainConfig(Section):
     num_threads: int | None = option(
         None, bound=COUNT, doc="torch.set_num_threads value for CPU runs; null keeps torch's default."
     )
+    dist_timeout: float = option(
+        300.0,
+        bound=POSITIVE,
+        doc="seconds a distributed process waits for the others at any collective (gradient all-reduce "
+        "included) before stopping with a message naming the ranks that did not arrive.",
+    )
 
     def validate(self) -> None:
         """Check ranges and that exactly one training length is given."""
