@@ -26,7 +26,7 @@ from .experiment import Run, TrainBatches
 from .logger import JsonlWriter, ProgressLogger
 from .precision import PrecisionPolicy
 
-__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted"]
+__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted", "improved"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -83,6 +83,11 @@ def restore_rng(run: Run, rng: list[dict[str, Any]] | None) -> None:
         warnings.warn(f"checkpoint was saved with {len(rng)} process(es), this run has {run.world}; "
                       "random streams restart from rank 0's state", stacklevel=2)
         restore_rng_state(rng[0])
+
+
+def improved(score: float | None, best: float) -> bool:
+    """True when bbox AP ``score`` beats ``best``; an AP of 0, nan or none never counts as a best model."""
+    return score is not None and math.isfinite(score) and score > 0 and score > best
 
 
 class TrainLoop:
@@ -206,14 +211,14 @@ class TrainLoop:
             self.jsonl.write({"type": "train", "epoch": self.state.batches.epoch, **record})
 
     def periodic_evaluation(self) -> None:
-        """Evaluate; a new best bbox AP is saved as ``model_best.pth``."""
+        """Evaluate; a bbox AP that improved on the best so far is saved as ``model_best.pth``."""
         self.progress.newline()
         it = self.state.iteration
         metrics = self.evaluate(self.model, it)
         if self.jsonl is not None:
             self.jsonl.write({"type": "eval", "iteration": it, **metrics})
-        score = dist.all_gather_object(metrics.get("bbox/AP", -math.inf))[0]  # rank 0 holds the metrics
-        if score > self.state.best_metric:
+        score = dist.all_gather_object(metrics.get("bbox/AP"))[0]  # rank 0 holds the metrics
+        if improved(score, self.state.best_metric):
             self.state.best_metric = score
             snapshot = self.snapshot()
             if self.run.main:

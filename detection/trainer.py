@@ -32,10 +32,10 @@ from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
 from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
-from .loop import TrainingInterrupted, TrainLoop, TrainState, restore_rng
+from .loop import TrainingInterrupted, TrainLoop, TrainState, improved, restore_rng
 from .models import build_detector
 from .precision import PrecisionPolicy
-from .solver import build_optimizer, build_scheduler
+from .solver import build_optimizer, build_scheduler, fit_schedule
 from .validation import evaluate
 
 __all__ = ["ResumeError", "TrainingInterrupted", "build_model", "evaluate_only", "select_device", "train"]
@@ -211,7 +211,10 @@ def _train_state(run: Run, model: nn.Module, batches: TrainBatches, precision: P
     """Optimizer, lr schedule and grad scaler around ``model``, at iteration 0."""
     t = run.cfg.train
     optimizer = build_optimizer(model, t.optimizer, t.optimizer.scaled_lr(t.batch_size, run.world))
-    scheduler = build_scheduler(optimizer, t.schedule, max_iters, batches.per_epoch)
+    schedule, warning = fit_schedule(t.schedule, max_iters, batches.per_epoch)
+    if warning:
+        run.log(warning)
+    scheduler = build_scheduler(optimizer, schedule, max_iters, batches.per_epoch)
     return TrainState(model, optimizer, scheduler, precision.grad_scaler(), batches)
 
 
@@ -241,7 +244,7 @@ def _final_checkpoint_and_evaluation(run: Run, loop: TrainLoop, val_set: Any, la
     metrics = evaluate(run, loop.model, val_set, label_to_cat_id, tag="final", write_outputs=True)
     if loop.jsonl is not None:
         loop.jsonl.write({"type": "eval", "iteration": state.iteration, **metrics})
-    if run.main and metrics.get("bbox/AP", -math.inf) > state.best_metric:
+    if run.main and improved(metrics.get("bbox/AP"), state.best_metric):
         state.best_metric = metrics["bbox/AP"]
         loop.checkpointer.save("model_best", {**snapshot, "best_metric": state.best_metric}, update_last=False)
     return metrics

@@ -173,12 +173,18 @@ class ScheduleConfig(Section):
     )
     unit: Literal["iter", "epoch"] = option("iter", doc="unit of milestones and of the cosine period.")
     milestones: tuple[int, ...] = option(
-        (), doc="positive, strictly increasing steps (in unit) where multistep decays the rate."
+        (),
+        doc="positive, strictly increasing steps (in unit) where multistep decays the rate. When one lies "
+        "at or beyond the training length, all are scaled by length / (9/8 x last milestone), keeping "
+        "their ratios, with a warning.",
     )
     gamma: float = option(0.1, bound=POSITIVE_FRACTION, doc="decay factor of multistep.")
     min_lr_factor: float = option(0.0, bound=UNIT, doc="final learning rate of cosine as a fraction of lr.")
     warmup_iters: int = option(
-        1000, bound=NON_NEGATIVE, doc="length of the linear warm-up, always in iterations (0 disables it)."
+        1000,
+        bound=NON_NEGATIVE,
+        doc="length of the linear warm-up, always in iterations (0 disables it). A warm-up of the whole "
+        "training length or more is cut to a tenth of it, with a warning.",
     )
     warmup_factor: float = option(
         0.001, bound=POSITIVE_FRACTION, doc="learning-rate fraction at the first warm-up iteration."

@@ -270,7 +270,30 @@ def test_periodic_evaluation_and_best_checkpoint(tmp_path, shapes_cache):
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "eval"]
     assert [r["iteration"] for r in evals] == [2, 4]
     assert all("bbox/AP" in r for r in evals)
-    assert (tmp_path / "model_best.pth").is_file()
+    best = max(r["bbox/AP"] or 0.0 for r in evals)
+    assert (tmp_path / "model_best.pth").is_file() == (best > 0)
+    if best > 0:
+        assert load_checkpoint(tmp_path / "model_best.pth")["best_metric"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("ap", [0.0, float("nan")])
+def test_no_best_checkpoint_without_a_positive_ap(tmp_path, shapes_cache, monkeypatch, ap):
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *args, **kwargs: {"bbox/AP": ap})
+    train(smoke_cfg(shapes_cache, "train.eval_period=2", "train.checkpoint_period=0"), output_dir=tmp_path,
+          log=lambda s: None)
+    assert (tmp_path / "model_final.pth").is_file() and not (tmp_path / "model_best.pth").exists()
+
+
+def test_a_schedule_longer_than_the_run_is_scaled_with_one_warning(tmp_path, shapes_cache):
+    logged = []
+    cfg = smoke_cfg(shapes_cache, "train.schedule.warmup_iters=1000", "train.schedule.milestones=[60000,80000]",
+                    "train.checkpoint_period=0", "eval.num_vis_images=0")
+    train(cfg, output_dir=tmp_path, log=logged.append)
+    warnings = [line for line in logged if "train.schedule does not fit" in line]
+    assert warnings == ["warning: train.schedule does not fit in 4 iterations; scaled to fit: warmup_iters 1000 -> 0; "
+                        "milestones [60000, 80000] (iter) -> [2, 3] (iter)"]
+    lrs = {r["iteration"]: r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "train"}
+    assert lrs[1] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.001) and lrs[3] == pytest.approx(0.0001)
 
 
 def test_channels_last_training_runs_the_backbone_in_channels_last(tmp_path, shapes_cache, monkeypatch):
