@@ -16,7 +16,6 @@ the loop (:class:`detection.loop.TrainLoop`), final outputs.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path

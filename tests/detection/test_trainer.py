@@ -314,3 +314,19 @@ def test_channels_last_training_runs_the_backbone_in_channels_last(tmp_path, sha
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert "bbox/AP" in metrics
     assert seen and all(seen)  # every batch (training and evaluation) entered the backbone channels-last
+
+
+def test_every_output_file_gets_the_same_permissions_under_the_umask(tmp_path, shapes_cache):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        train(smoke_cfg(shapes_cache, "train.max_iters=2", "train.checkpoint_period=1"), output_dir=tmp_path,
+              log=lambda s: None)
+    finally:
+        os.umask(old)
+    names = ("metrics.jsonl", "config.yaml", "model_0000001.pth", "model_final.pth", "last_checkpoint", "metrics.json",
+             "results.json", "predictions.png", "curves.png")
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in names}
+    assert modes == dict.fromkeys(names, 0o640)
