@@ -295,6 +295,12 @@ class EvalConfig(Section):
     num_vis_images: int = option(
         8, bound=NON_NEGATIVE, doc="number of validation images drawn into predictions.png (0 disables it)."
     )
+    vis_score_threshold: float = option(
+        0.5,
+        bound=UNIT,
+        doc="detections scoring below this are not drawn in predictions.png; the threshold is written on "
+        "the image, and so is 'no detections above' it where none is left.",
+    )
     max_images: int | None = option(
         None, bound=COUNT, doc="evaluate only the first N validation images (smoke runs); null uses all."
     )
