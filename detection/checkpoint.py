@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_torch_save, atomic_write_text
+from .io import TMP_SUFFIX, atomic_torch_save, atomic_write_text
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +39,7 @@ __all__ = [
 FORMAT_VERSION = 1
 LAST_POINTER = "last_checkpoint"
 _NUMBERED = re.compile(r"^model_(\d{7,})\.pth$")
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX) + "$")  # detection.io's temporary files
 
 
 class CheckpointError(RuntimeError):
@@ -136,6 +137,16 @@ class Checkpointer:
         for p in numbered:
             if p not in keep and p != pointed:
                 p.unlink(missing_ok=True)
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temporary files (``.<name>.<random>.tmp``) that a writer killed mid-write left in
+        the output folder; returns them. Call it before this run writes anything."""
+        if not self.output_dir.is_dir():
+            return []
+        found = sorted(p for p in self.output_dir.iterdir() if _TEMPORARY.match(p.name) and p.is_file())
+        for p in found:
+            p.unlink(missing_ok=True)
+        return found
 
     def last(self) -> Path | None:
         """The checkpoint named by ``last_checkpoint``, or the newest numbered one, or ``None``."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from .precision import PrecisionPolicy
 
-__all__ = ["NonFiniteLossError", "StepResult", "describe_bad_step", "run_inference", "to_device", "train_step"]
+__all__ = ["NonFiniteLossError", "StepResult", "describe_bad_step", "non_finite_tensors", "run_inference", "to_device", "train_step"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,12 +33,14 @@ def to_device(
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """Outcome of one training iteration: this rank's loss terms, whether they were finite on every
-    rank, and whether the optimizer stepped (the last micro-step of an accumulation)."""
+    """Outcome of one training iteration: this rank's loss terms, whether the step was finite on every
+    rank (``bad`` says what was not: ``"loss"`` or ``"gradients"``), and whether the optimizer stepped
+    (the last micro-step of an accumulation)."""
 
     losses: dict[str, float]
     finite: bool
     stepped: bool
+    bad: str | None = None
 
 
 def train_step(
@@ -72,30 +74,38 @@ def train_step(
     values = {k: float(v.detach()) for k, v in loss_dict.items()}
     if not finite:
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(values, finite=False, stepped=False)
+        return StepResult(values, finite=False, stepped=False, bad="loss")
     last_micro = (micro_step + 1) % accumulate_steps == 0
     sync_ctx = no_sync() if (no_sync is not None and not last_micro) else contextlib.nullcontext()
     with sync_ctx:
         scaler.scale(total / accumulate_steps).backward()
     if not last_micro:
         return StepResult(values, finite=True, stepped=False)
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    # float16: the GradScaler skips an overflowing step itself and lowers its scale (routine, not a bad step).
+    if not scaler.is_enabled() and not all_ranks_finite(bool(torch.isfinite(norm).item())):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(values, finite=False, stepped=False, bad="gradients")
     if clip_grad_norm is not None:
-        scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(values, finite=True, stepped=True)
 
 
-def describe_bad_step(iteration: int, losses: Mapping[str, float], image_ids: Iterable[int], count: int, limit: int) -> str:
+def describe_bad_step(iteration: int, losses: Mapping[str, float], image_ids: Iterable[int], bad: str = "loss") -> str:
+    """``non-finite <loss|gradients> at iteration N: <loss terms>; image ids in this batch: [...]``."""
     terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
     ids = ", ".join(str(i) for i in image_ids)
-    return (
-        f"non-finite loss at iteration {iteration} ({count} consecutive, limit {limit}): {terms}; "
-        f"image ids in this batch: [{ids}]"
-    )
+    return f"non-finite {bad} at iteration {iteration}: {terms}; image ids in this batch: [{ids}]"
+
+
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``model`` holding NaN or inf."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 @torch.inference_mode()

@@ -3,6 +3,7 @@ and the training data position (:class:`TrainBatches`) that checkpoints store an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -34,14 +35,16 @@ class Run:
 
     Creating it joins the process group, seeds ``random``, NumPy and torch with ``train.seed + rank``,
     applies ``train.num_threads`` / ``train.deterministic`` only when the config sets them (and logs
-    it), and on rank 0 writes ``config.yaml``.
+    it), and on rank 0 writes ``config.yaml`` (with ``output_dir`` set to the folder used).
     """
 
     def __init__(self, cfg: ExperimentConfig, output_dir: str | os.PathLike[str] | None, log: Callable[[str], None]) -> None:
+        if output_dir is not None:  # config.yaml (and each checkpoint's config) names the folder actually used
+            cfg = dataclasses.replace(cfg, output_dir=str(output_dir))
         self.cfg = cfg
         self.log_fn = log
         self.device = select_device(cfg.train.device)
-        self.rank, self.world, local_rank = dist.init_from_env(self.device.type)
+        self.rank, self.world, local_rank = dist.init_from_env(self.device.type, cfg.train.dist_timeout)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
         self.main = self.rank == 0
@@ -165,6 +168,10 @@ class TrainBatches:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["start_batch"])
+
+    def position_before_last(self) -> dict[str, int]:
+        """The position at which the batch most recently read was the next one (inside :meth:`epoch_batches`)."""
+        return {"epoch": self.epoch, "start_batch": max(self.consumed - 1, 0)}
 
     def position_at(self, iteration: int) -> dict[str, int]:
         """The position after ``iteration`` batches from the start (for checkpoints that store no position)."""

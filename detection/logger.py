@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["JsonlWriter", "ProgressLogger", "format_duration", "peak_memory_mb", "read_jsonl"]
+__all__ = ["JsonlWriter", "ProgressLogger", "drop_records_after", "format_duration", "peak_memory_mb", "read_jsonl"]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -64,6 +64,23 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
+def drop_records_after(path: str | os.PathLike[str], iteration: int) -> int:
+    """Rewrite ``metrics.jsonl`` (atomically) without the records after ``iteration`` (and any
+    unfinished line), so that a resumed run logs each iteration once; returns how many were dropped."""
+    from .io import atomic_write_text
+
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    lines = p.read_text(encoding="utf-8").splitlines()
+    records = read_jsonl(p)
+    kept = [r for r in records if not isinstance(r.get("iteration"), int) or r["iteration"] <= iteration]
+    if len(kept) == len(lines):
+        return 0
+    atomic_write_text(p, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    return len(lines) - len(kept)
+
+
 class ProgressLogger:
     """Reports training progress when the trainer calls :meth:`update`.
 
@@ -91,8 +108,12 @@ class ProgressLogger:
         self._start_time = self._mark_time
         self._rate: float | None = None
 
-    def update(self, iteration: int, losses: Mapping[str, float], lr: float) -> dict[str, Any]:
-        """Report the state after ``iteration`` (1-based); returns the record for ``metrics.jsonl``."""
+    def update(self, iteration: int, losses: Mapping[str, float], lr: float, *, skipped: int = 0) -> dict[str, Any]:
+        """Report the state after ``iteration`` (1-based); returns the record for ``metrics.jsonl``.
+
+        ``skipped`` steps (non-finite, no update) since the last report are counted in the line; with
+        no finite step left (``losses`` empty) the record has ``"skipped": true`` and no loss.
+        """
         now = time.perf_counter()
         done = iteration - self._mark_iter
         if done > 0:
@@ -100,11 +121,11 @@ class ProgressLogger:
         self._mark_iter, self._mark_time = iteration, now
         rate = self._rate or float("nan")
         eta = (self.max_iters - iteration) / rate if self._rate else float("nan")
-        total = sum(losses.values())
+        total = sum(losses.values()) if losses else None
         record = {
             "iteration": iteration,
-            "loss": total,
-            **{k: v for k, v in losses.items()},
+            **({"loss": total, **losses} if losses else {"skipped": True}),
+            **({"skipped_steps": skipped} if skipped else {}),
             "lr": lr,
             "img_per_s": rate * self.images_per_iter,
             "peak_mem_mb": peak_memory_mb(self.device),
@@ -115,9 +136,12 @@ class ProgressLogger:
         width = len(str(self.max_iters))
         terms = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in losses.items())
         pct = 100.0 * iteration / self.max_iters
+        loss = f"loss {total:.3f} ({terms})" if total is not None else "skipped (non-finite)"
+        if skipped and total is not None:
+            loss += f", {skipped} skipped"
         line = (
-            f"iter {iteration:>{width}}/{self.max_iters} {pct:5.1f}% | eta {format_duration(eta)} | loss {total:.3f} "
-            f"({terms}) | lr {lr:.2e} | {record['img_per_s']:.1f} img/s | mem {record['peak_mem_mb']:.0f} MB"
+            f"iter {iteration:>{width}}/{self.max_iters} {pct:5.1f}% | eta {format_duration(eta)} | {loss} "
+            f"| lr {lr:.2e} | {record['img_per_s']:.1f} img/s | mem {record['peak_mem_mb']:.0f} MB"
         )
         if self.interactive:
             end = "\n" if iteration >= self.max_iters else ""

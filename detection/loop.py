@@ -21,12 +21,12 @@ from torch import nn
 
 from . import distributed as dist
 from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
-from .engine import NonFiniteLossError, describe_bad_step, to_device, train_step
+from .engine import NonFiniteLossError, describe_bad_step, non_finite_tensors, to_device, train_step
 from .experiment import Run, TrainBatches
 from .logger import JsonlWriter, ProgressLogger
 from .precision import PrecisionPolicy
 
-__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted"]
+__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted", "improved"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -48,6 +48,9 @@ class TrainState:
     batches: TrainBatches
     iteration: int = 0
     best_metric: float = -math.inf
+    bad_steps: int = 0  # consecutive skipped (non-finite) steps
+    skipped_steps: int = 0  # skipped steps in the whole training
+    first_bad_step: str = ""  # description of the first skipped step
 
     def state_dict(self) -> dict[str, Any]:
         position = self.batches.state_dict()
@@ -55,6 +58,7 @@ class TrainState:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "sampler": position,
             "iteration": self.iteration, "epoch": position["epoch"], "best_metric": self.best_metric,
+            "bad_steps": {"consecutive": self.bad_steps, "total": self.skipped_steps, "first": self.first_bad_step},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -65,6 +69,9 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
         self.best_metric = float(state.get("best_metric", -math.inf))
+        bad = state.get("bad_steps") or {}
+        self.bad_steps, self.skipped_steps = int(bad.get("consecutive", 0)), int(bad.get("total", 0))
+        self.first_bad_step = str(bad.get("first", ""))
         self.batches.load_state_dict(state.get("sampler") or self.batches.position_at(self.iteration))
 
 
@@ -76,6 +83,11 @@ def restore_rng(run: Run, rng: list[dict[str, Any]] | None) -> None:
         warnings.warn(f"checkpoint was saved with {len(rng)} process(es), this run has {run.world}; "
                       "random streams restart from rank 0's state", stacklevel=2)
         restore_rng_state(rng[0])
+
+
+def improved(score: float | None, best: float) -> bool:
+    """True when bbox AP ``score`` beats ``best``; an AP of 0, nan or none never counts as a best model."""
+    return score is not None and math.isfinite(score) and score > 0 and score > best
 
 
 class TrainLoop:
@@ -102,8 +114,11 @@ class TrainLoop:
         self.progress = ProgressLogger(max_iters, state.iteration, run.device, t.batch_size * run.world, enabled=run.main)
         self.no_sync = getattr(model, "no_sync", None)
         self.micro_step = 0  # position in the gradient accumulation
-        self.bad_steps = 0  # consecutive non-finite steps
         self.window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
+        self.window_skipped = 0  # skipped steps since the last report
+        # Where the current iteration started: (iteration, data position, RNG state); a Ctrl-C checkpoint
+        # taken before the iteration finished is written from there, so the resumed run repeats it exactly.
+        self.step_start: tuple[int, dict[str, int], dict[str, Any]] | None = None
 
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> float:
@@ -122,6 +137,7 @@ class TrainLoop:
         epoch, skipped = self.state.batches.epoch, 0
         for images, targets, bad in self.state.batches.epoch_batches():
             skipped += len(bad)
+            self.step_start = (self.state.iteration, self.state.batches.position_before_last(), capture_rng_state())
             self.iteration(images, targets)
             self.after_iteration()
             if self.state.iteration >= self.max_iters:
@@ -143,28 +159,34 @@ class TrainLoop:
             )
             self.micro_step = (self.micro_step + 1) % t.accumulate_grad_steps
             if result.finite:
-                self.bad_steps = 0
+                s.bad_steps = 0
                 for k, v in result.losses.items():
                     self.window.setdefault(k, []).append(v)
             else:
-                self.non_finite(result.losses, [int(x["image_id"]) for x in targets])
+                self.non_finite(result.losses, [int(x["image_id"]) for x in targets], result.bad or "loss")
         s.iteration += 1
         with warnings.catch_warnings():
             # The schedule follows iterations, also when a skipped (non-finite) step made no update.
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             s.scheduler.step()
 
-    def non_finite(self, losses: Mapping[str, float], image_ids: list[int]) -> None:
-        """A skipped step: warn, or stop after ``train.max_bad_steps`` in a row."""
-        limit = self.run.cfg.train.max_bad_steps
-        self.bad_steps += 1
+    def non_finite(self, losses: Mapping[str, float], image_ids: list[int], bad: str) -> None:
+        """A skipped step (the weights were not touched): warn, or stop after ``train.max_bad_steps`` in a row."""
+        s, limit = self.state, self.run.cfg.train.max_bad_steps
+        s.bad_steps += 1
+        s.skipped_steps += 1
+        self.window_skipped += 1
         self.micro_step = 0
-        message = describe_bad_step(self.state.iteration + 1, losses, image_ids, self.bad_steps, limit)
-        if self.bad_steps >= limit:
-            raise NonFiniteLossError(message + "; stopping. Lower train.optimizer.lr, enable "
-                                     "train.clip_grad_norm, or check these images' annotations.")
+        message = describe_bad_step(s.iteration + 1, losses, image_ids, bad)
+        s.first_bad_step = s.first_bad_step or message
+        if s.bad_steps >= limit:
+            raise NonFiniteLossError(
+                f"{s.bad_steps} consecutive non-finite steps (train.max_bad_steps={limit}), the last {message}; "
+                f"first bad step: {s.first_bad_step}; stopping. Lower train.optimizer.lr, enable "
+                "train.clip_grad_norm, or check these images' annotations."
+            )
         self.progress.newline()
-        self.run.log("warning: skipped step, " + message)
+        self.run.log(f"warning: skipped step ({s.bad_steps} in a row, limit {limit}), " + message)
 
     def after_iteration(self) -> None:
         t, it = self.run.cfg.train, self.state.iteration
@@ -178,22 +200,25 @@ class TrainLoop:
             self.periodic_evaluation()
 
     def report(self) -> None:
-        """Log the losses averaged over the ranks and the iterations since the last report."""
+        """Log the losses averaged over the ranks and the finite iterations since the last report;
+        a report with only skipped steps says so (``"skipped": true``, no loss)."""
         losses = dist.reduce_mean({k: torch.tensor(sum(v) / len(v)) for k, v in self.window.items()})
-        self.window = {}
-        record = self.progress.update(self.state.iteration, losses, self.state.optimizer.param_groups[0]["lr"])
+        skipped = self.window_skipped
+        self.window, self.window_skipped = {}, 0
+        record = self.progress.update(self.state.iteration, losses, self.state.optimizer.param_groups[0]["lr"],
+                                      skipped=skipped)
         if self.jsonl is not None:
             self.jsonl.write({"type": "train", "epoch": self.state.batches.epoch, **record})
 
     def periodic_evaluation(self) -> None:
-        """Evaluate; a new best bbox AP is saved as ``model_best.pth``."""
+        """Evaluate; a bbox AP that improved on the best so far is saved as ``model_best.pth``."""
         self.progress.newline()
         it = self.state.iteration
         metrics = self.evaluate(self.model, it)
         if self.jsonl is not None:
             self.jsonl.write({"type": "eval", "iteration": it, **metrics})
-        score = dist.all_gather_object(metrics.get("bbox/AP", -math.inf))[0]  # rank 0 holds the metrics
-        if score > self.state.best_metric:
+        score = dist.all_gather_object(metrics.get("bbox/AP"))[0]  # rank 0 holds the metrics
+        if improved(score, self.state.best_metric):
             self.state.best_metric = score
             snapshot = self.snapshot()
             if self.run.main:
@@ -202,14 +227,41 @@ class TrainLoop:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def snapshot(self, *, collective: bool = True) -> dict[str, Any]:
-        """The checkpoint contents; with ``collective`` every rank must call it (RNG states are gathered)."""
+        """The checkpoint contents; with ``collective`` every rank must call it (RNG states are gathered).
+
+        Raises:
+            NonFiniteLossError: the weights hold NaN or inf (nothing is saved from them).
+        """
+        self.check_weights()
         rngs = dist.all_gather_object(capture_rng_state()) if collective else [capture_rng_state()]
         return {**self.state.state_dict(), "rng": rngs, **self.extras}
 
+    def check_weights(self) -> None:
+        """Raise :class:`NonFiniteLossError` when a weight or buffer of the model is NaN or inf."""
+        bad = non_finite_tensors(self.state.model)
+        if bad:
+            s = self.state
+            first = f"first bad step: {s.first_bad_step}" if s.first_bad_step else "no step had a non-finite loss or gradient"
+            raise NonFiniteLossError(
+                f"the model diverged: {len(bad)} of {len(s.model.state_dict())} weight tensors are non-finite "
+                f"(e.g. {bad[0]}) at iteration {s.iteration}; nothing saved from them; {first}. "
+                "Lower train.optimizer.lr or enable train.clip_grad_norm."
+            )
+
     def interrupted(self) -> TrainingInterrupted:
-        """After Ctrl-C: rank 0 saves a numbered checkpoint (no collective calls: other ranks may be gone)."""
+        """After Ctrl-C: rank 0 saves a numbered checkpoint (no collective calls: other ranks may be gone).
+
+        Interrupted inside an iteration, the checkpoint holds the data position and RNG state of that
+        iteration's start (its update, if any, was not made), so ``--resume`` runs it again exactly as an
+        uninterrupted run would. The message is in the exception only (the caller reports it once).
+        """
         self.progress.newline()
-        path = self.checkpointer.save_numbered(self.state.iteration, self.snapshot(collective=False)) if self.run.main else None
+        path = None
+        if self.run.main:
+            snapshot = self.snapshot(collective=False)
+            if self.step_start is not None and self.step_start[0] == self.state.iteration:
+                _, position, rng = self.step_start
+                snapshot.update(sampler=position, epoch=position["epoch"], rng=[rng])
+            path = self.checkpointer.save_numbered(self.state.iteration, snapshot)
         message = f"interrupted at iteration {self.state.iteration}; checkpoint saved to {path}. Continue with --resume."
-        self.run.log(message)
         return TrainingInterrupted(message, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from .config import OptimizerConfig, ScheduleConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["build_optimizer", "build_scheduler", "fit_schedule", "lr_factor"]
 
 # Devices where torch.optim.AdamW(fused=True) has kernels.
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -63,6 +64,30 @@ def lr_factor(iteration: int, cfg: ScheduleConfig, max_iters: int, iters_per_epo
         alpha = iteration / cfg.warmup_iters
         main *= cfg.warmup_factor * (1 - alpha) + alpha
     return main
+
+
+def fit_schedule(cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int) -> tuple[ScheduleConfig, str | None]:
+    """``cfg`` fitted into ``max_iters``, and a warning line when it had to change (else ``None``).
+
+    A warm-up of ``max_iters`` or more is cut to a tenth of ``max_iters``. When a milestone lies at or
+    beyond ``max_iters``, all milestones are scaled by ``max_iters / (9/8 x last milestone)``, keeping
+    their ratios (the 1x recipe's 60k and 80k of 90k iterations), and expressed in iterations.
+    """
+    scale = iters_per_epoch if cfg.unit == "epoch" else 1
+    milestones = [m * scale for m in cfg.milestones]
+    changes, new = [], cfg
+    if cfg.warmup_iters >= max_iters:
+        new = dataclasses.replace(new, warmup_iters=max_iters // 10)
+        changes.append(f"warmup_iters {cfg.warmup_iters} -> {new.warmup_iters}")
+    if cfg.name == "multistep" and milestones and milestones[-1] >= max_iters:
+        factor = max_iters / (milestones[-1] * 9 / 8)
+        fitted = tuple(sorted({max(1, int(m * factor)) for m in milestones}))
+        new = dataclasses.replace(new, milestones=fitted, unit="iter")
+        changes.append(f"milestones {list(cfg.milestones)} ({cfg.unit}) -> {list(fitted)} (iter)")
+    if not changes:
+        return cfg, None
+    return new, (f"warning: train.schedule does not fit in {max_iters} iterations; scaled to fit: "
+                 + "; ".join(changes))
 
 
 def build_scheduler(

@@ -16,7 +16,6 @@ the loop (:class:`detection.loop.TrainLoop`), final outputs.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -31,11 +30,11 @@ from . import distributed as dist
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
-from .logger import JsonlWriter, format_duration, read_jsonl
-from .loop import TrainingInterrupted, TrainLoop, TrainState, restore_rng
+from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
+from .loop import TrainingInterrupted, TrainLoop, TrainState, improved, restore_rng
 from .models import build_detector
 from .precision import PrecisionPolicy
-from .solver import build_optimizer, build_scheduler
+from .solver import build_optimizer, build_scheduler, fit_schedule
 from .validation import evaluate
 
 __all__ = ["ResumeError", "TrainingInterrupted", "build_model", "evaluate_only", "select_device", "train"]
@@ -74,7 +73,9 @@ def train(
         log: where progress text goes (rank 0 only).
 
     Raises:
-        NonFiniteLossError: ``train.max_bad_steps`` consecutive steps had non-finite losses.
+        NonFiniteLossError: ``train.max_bad_steps`` consecutive steps had non-finite losses or gradients
+            (skipped without touching the weights), or the weights became non-finite (found before
+            a checkpoint is written: nothing is saved from them).
         TrainingInterrupted: Ctrl-C; a checkpoint was saved before raising.
     """
     cfg.data.validate_for_training()
@@ -88,6 +89,8 @@ def train(
 def _train(run: Run, resume: str | os.PathLike[str] | bool | None, weights: str | os.PathLike[str] | None) -> dict[str, float]:
     cfg = run.cfg
     resume_path, ckpt = _read_resume(run, resume)
+    if run.main:
+        _tidy_output_dir(run, ckpt)
     paths = data_paths(run)
     train_set, val_set = build_datasets(run, paths, train=True, categories=_saved_categories(ckpt))
     categories = train_set.categories
@@ -155,6 +158,19 @@ def _read_resume(run: Run, resume: str | os.PathLike[str] | bool | None) -> tupl
     return path, ckpt
 
 
+def _tidy_output_dir(run: Run, ckpt: Mapping[str, Any] | None) -> None:
+    """Remove temporary files a killed run left behind, and, when resuming, the ``metrics.jsonl``
+    records after the checkpoint's iteration (they are about to be run again)."""
+    leftovers = Checkpointer(run.output_dir).remove_leftovers()
+    if leftovers:
+        run.log(f"removed {len(leftovers)} temporary file(s) left by an interrupted write in {run.output_dir}: "
+                + ", ".join(p.name for p in leftovers[:5]) + (" ..." if len(leftovers) > 5 else ""))
+    if ckpt is not None:
+        dropped = drop_records_after(run.output_dir / "metrics.jsonl", int(ckpt["iteration"]))
+        if dropped:
+            run.log(f"metrics.jsonl: dropped {dropped} record(s) after iteration {ckpt['iteration']} (run again now)")
+
+
 def _saved_categories(ckpt: Mapping[str, Any] | None) -> Any:
     from .data import CategoryMapping
 
@@ -194,7 +210,10 @@ def _train_state(run: Run, model: nn.Module, batches: TrainBatches, precision: P
     """Optimizer, lr schedule and grad scaler around ``model``, at iteration 0."""
     t = run.cfg.train
     optimizer = build_optimizer(model, t.optimizer, t.optimizer.scaled_lr(t.batch_size, run.world))
-    scheduler = build_scheduler(optimizer, t.schedule, max_iters, batches.per_epoch)
+    schedule, warning = fit_schedule(t.schedule, max_iters, batches.per_epoch)
+    if warning:
+        run.log(warning)
+    scheduler = build_scheduler(optimizer, schedule, max_iters, batches.per_epoch)
     return TrainState(model, optimizer, scheduler, precision.grad_scaler(), batches)
 
 
@@ -224,7 +243,7 @@ def _final_checkpoint_and_evaluation(run: Run, loop: TrainLoop, val_set: Any, la
     metrics = evaluate(run, loop.model, val_set, label_to_cat_id, tag="final", write_outputs=True)
     if loop.jsonl is not None:
         loop.jsonl.write({"type": "eval", "iteration": state.iteration, **metrics})
-    if run.main and metrics.get("bbox/AP", -math.inf) > state.best_metric:
+    if run.main and improved(metrics.get("bbox/AP"), state.best_metric):
         state.best_metric = metrics["bbox/AP"]
         loop.checkpointer.save("model_best", {**snapshot, "best_metric": state.best_metric}, update_last=False)
     return metrics
@@ -255,8 +274,12 @@ def evaluate_only(
     log: Callable[[str], None] = print,
     optimize: str | None = None,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint on ``cfg``'s validation set; writes ``metrics.json``, ``results.json`` and
-    ``predictions.png`` into the output folder and returns the metrics.
+    """Evaluate a checkpoint on ``cfg``'s validation set; writes ``config.yaml``, ``metrics.json``,
+    ``results.json`` and ``predictions.png`` into an evaluation folder and returns the metrics.
+
+    The folder is ``output_dir`` if given, else ``eval/`` next to ``weights``; a folder that holds a
+    training run (``metrics.jsonl``, ``last_checkpoint`` or checkpoints) gets an ``eval/`` subfolder
+    instead, so a training run's files are never replaced. The folder used is logged.
 
     ``optimize`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) evaluates the model that
     :func:`detection.optimize_for_inference` returns at that backbone precision.
@@ -266,11 +289,23 @@ def evaluate_only(
     when the model has ``max(category id) + 1`` classes and the checkpoint stores no mapping, labels
     are taken to be category ids.
     """
-    run = Run(cfg, output_dir, log)
+    weights = Path(weights).expanduser()
+    folder = evaluation_dir(weights, output_dir)
+    run = Run(cfg, folder, log)
+    run.log(f"evaluation outputs go to {folder}")
     try:
-        return _evaluate_only(run, Path(weights).expanduser(), optimize)
+        return _evaluate_only(run, weights, optimize)
     finally:
         dist.cleanup()
+
+
+def evaluation_dir(weights: Path, output_dir: str | os.PathLike[str] | None) -> Path:
+    """Where :func:`evaluate_only` writes: ``output_dir`` (or ``weights``' folder) unless it holds a
+    training run, then its ``eval/`` subfolder."""
+    folder = Path(output_dir).expanduser() if output_dir is not None else weights.parent
+    training = folder.is_dir() and any((folder / name).exists() for name in ("metrics.jsonl", "last_checkpoint")) \
+        or any(folder.glob("model_*.pth"))
+    return folder / "eval" if training or output_dir is None else folder
 
 
 def _evaluate_only(run: Run, weights: Path, optimize: str | None = None) -> dict[str, float]:

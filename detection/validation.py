@@ -77,7 +77,7 @@ def _save_predictions(run: Run, vis: list[tuple[torch.Tensor, Prediction]], name
     top = max((int(out["labels"].max()) for _, out in vis if len(out["labels"])), default=0)
     class_names = ["__background__"] + [names.get(_cat_id(label_to_cat_id, k), str(k)) for k in range(1, top + 1)]
     path = save_prediction_grid([image for image, _ in vis], [out for _, out in vis], class_names,
-                                run.output_dir / "predictions.png")
+                                run.output_dir / "predictions.png", score_threshold=run.cfg.eval.vis_score_threshold)
     run.log(f"wrote {path}")
 
 

@@ -8,8 +8,9 @@ Examples::
     python tools/train_det.py --config configs/quickstart.yaml --eval-only --weights output/quickstart/model_final.pth
     torchrun --nproc_per_node=8 tools/train_det.py --config configs/mask_rcnn_r50_fpn_1x_coco.yaml
 
-Exit status: 0 on success, 2 on bad input (config, paths, weights), 1 when training stopped on
-non-finite losses, 130 on Ctrl-C (a checkpoint is saved first; continue with --resume).
+Exit status: 0 on success, 2 on bad input (config, paths, weights), 1 when training diverged
+(non-finite losses, gradients or weights; the message names the first bad iteration, its loss
+terms and image ids), 130 on Ctrl-C (a checkpoint is saved first; continue with --resume).
 """
 
 from __future__ import annotations

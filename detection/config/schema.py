@@ -173,12 +173,18 @@ class ScheduleConfig(Section):
     )
     unit: Literal["iter", "epoch"] = option("iter", doc="unit of milestones and of the cosine period.")
     milestones: tuple[int, ...] = option(
-        (), doc="positive, strictly increasing steps (in unit) where multistep decays the rate."
+        (),
+        doc="positive, strictly increasing steps (in unit) where multistep decays the rate. When one lies "
+        "at or beyond the training length, all are scaled by length / (9/8 x last milestone), keeping "
+        "their ratios, with a warning.",
     )
     gamma: float = option(0.1, bound=POSITIVE_FRACTION, doc="decay factor of multistep.")
     min_lr_factor: float = option(0.0, bound=UNIT, doc="final learning rate of cosine as a fraction of lr.")
     warmup_iters: int = option(
-        1000, bound=NON_NEGATIVE, doc="length of the linear warm-up, always in iterations (0 disables it)."
+        1000,
+        bound=NON_NEGATIVE,
+        doc="length of the linear warm-up, always in iterations (0 disables it). A warm-up of the whole "
+        "training length or more is cut to a tenth of it, with a warning.",
     )
     warmup_factor: float = option(
         0.001, bound=POSITIVE_FRACTION, doc="learning-rate fraction at the first warm-up iteration."
@@ -246,6 +252,12 @@ class TrainConfig(Section):
     num_threads: int | None = option(
         None, bound=COUNT, doc="torch.set_num_threads value for CPU runs; null keeps torch's default."
     )
+    dist_timeout: float = option(
+        300.0,
+        bound=POSITIVE,
+        doc="seconds a distributed process waits for the others at any collective (gradient all-reduce "
+        "included) before stopping with a message naming the ranks that did not arrive.",
+    )
 
     def validate(self) -> None:
         """Check ranges and that exactly one training length is given."""
@@ -282,6 +294,12 @@ class EvalConfig(Section):
     )
     num_vis_images: int = option(
         8, bound=NON_NEGATIVE, doc="number of validation images drawn into predictions.png (0 disables it)."
+    )
+    vis_score_threshold: float = option(
+        0.5,
+        bound=UNIT,
+        doc="detections scoring below this are not drawn in predictions.png; the threshold is written on "
+        "the image, and so is 'no detections above' it where none is left.",
     )
     max_images: int | None = option(
         None, bound=COUNT, doc="evaluate only the first N validation images (smoke runs); null uses all."

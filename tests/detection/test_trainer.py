@@ -1,5 +1,6 @@
 """The trainer end to end on the smoke config: outputs, exact resume, guards, interruption, checkpoints."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ from detection.checkpoint import Checkpointer, load_checkpoint
 from detection.config import load_config
 from detection.engine import NonFiniteLossError
 from detection.logger import read_jsonl
-from detection.trainer import ResumeError, TrainingInterrupted, evaluate_only, train
+from detection.trainer import ResumeError, evaluate_only, train
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke" / "tiny_cpu.yaml"
@@ -54,7 +55,9 @@ def test_a_run_writes_every_output(finished_run):
         with Image.open(out / png) as img:
             img.load()
             assert img.size[0] > 100 and img.size[1] > 100
-    assert load_config(out / "config.yaml") == smoke_cfg(load_config(out / "config.yaml").data.shapes.cache_dir)
+    saved_cfg = load_config(out / "config.yaml")
+    assert saved_cfg.output_dir == str(out)  # the folder actually used, not the config's output/smoke
+    assert saved_cfg == dataclasses.replace(smoke_cfg(saved_cfg.data.shapes.cache_dir), output_dir=str(out))
 
 
 def test_checkpoint_holds_everything_needed_to_resume(finished_run):
@@ -80,10 +83,21 @@ def test_resume_continues_exactly(finished_run, tmp_path, shapes_cache):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(out / "model_0000002.pth", resumed / "model_0000002.pth")
-    train(smoke_cfg(shapes_cache), output_dir=resumed, resume=True, log=lambda s: None)
+    # A run killed after iteration 4 was logged: its records after the checkpoint are dropped on resume.
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    # Temporary files of writes killed midway are removed at start-up; other files are left alone.
+    for name in (".model_0000004.pth.0123456789ab.tmp", ".metrics.json.abcdef012345.tmp"):
+        (resumed / name).write_bytes(b"PK partial")
+    (resumed / "notes.tmp").write_text("mine")
+    logged = []
+    train(smoke_cfg(shapes_cache), output_dir=resumed, resume=True, log=logged.append)
+    assert sorted(p.name for p in resumed.glob("*.tmp")) == ["notes.tmp"] and not list(resumed.glob(".*.tmp"))
+    assert sum("removed 2 temporary file(s)" in line for line in logged) == 1
+    records = read_jsonl(resumed / "metrics.jsonl")
+    assert [r["iteration"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in records if r["type"] == "eval"] == [4]
     after = train_losses(resumed)
-    assert sorted(after) == [3, 4]
-    for it in (3, 4):
+    for it in (1, 2, 3, 4):
         assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
 
 
@@ -138,6 +152,19 @@ def test_eval_only_reproduces_the_final_metrics(finished_run, tmp_path, shapes_c
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "predictions.png").is_file()
 
 
+def test_eval_only_never_writes_over_a_training_run(finished_run, shapes_cache):
+    from tools.train_det import main
+
+    out, _ = finished_run
+    before = {name: (out / name).read_bytes() for name in ("metrics.json", "results.json", "config.yaml", "predictions.png")}
+    args = ["--config", str(SMOKE), "--set", f"data.shapes.cache_dir={shapes_cache}", "--eval-only"]
+    assert main([*args, "--output-dir", str(out)]) == 0  # the training folder: its newest checkpoint, eval/ inside
+    assert {name: (out / name).read_bytes() for name in before} == before
+    for name in before:
+        assert (out / "eval" / name).is_file(), name
+    assert load_config(out / "eval" / "config.yaml").output_dir == str(out / "eval")
+
+
 class NanLosses(torch.nn.Module):
     """Wraps a detector and poisons one loss term in training."""
 
@@ -166,30 +193,47 @@ def test_non_finite_losses_skip_steps_then_stop_with_context(tmp_path, shapes_ca
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg, output_dir=tmp_path, log=logged.append)
     message = str(info.value)
-    assert message.startswith("non-finite loss at iteration 3 (3 consecutive, limit 3): ")
+    assert message.startswith("3 consecutive non-finite steps (train.max_bad_steps=3), the last non-finite loss at "
+                              "iteration 3: ")
+    assert "first bad step: non-finite loss at iteration 1: " in message
     assert "loss_mask=nan" in message and "loss_classifier=" in message
     assert re.search(r"image ids in this batch: \[\d+, \d+\]", message)
-    assert sum("skipped step, non-finite loss at iteration" in line for line in logged) == 2
+    assert sum("non-finite loss at iteration" in line and "skipped step" in line for line in logged) == 2
+    # Skipped steps are logged as skipped, never as a loss of 0.
+    records = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "train"]
+    assert [r["iteration"] for r in records] == [1, 2] and all(r["skipped"] is True and "loss" not in r for r in records)
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, shapes_cache, monkeypatch):
+def test_ctrl_c_mid_iteration_resumes_exactly_and_is_reported_once(finished_run, tmp_path, shapes_cache, monkeypatch,
+                                                                    capsys):
+    from tools.train_det import main
+
+    out, _ = finished_run
     real_step = loop_mod.train_step
     calls = {"n": 0}
 
     def interrupting_step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 3:  # Ctrl-C in the middle of iteration 3's forward pass, after it drew random numbers
+            torch.rand(1000)
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(loop_mod, "train_step", interrupting_step)
-    with pytest.raises(TrainingInterrupted) as info:
-        train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, log=lambda s: None)
-    assert info.value.checkpoint == tmp_path / "model_0000002.pth"
-    assert load_checkpoint(info.value.checkpoint)["iteration"] == 2
+    args = ["--config", str(SMOKE), "--output-dir", str(tmp_path), "--set", f"data.shapes.cache_dir={shapes_cache}",
+            "train.checkpoint_period=0"]
+    assert main(args) == 130
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("interrupted at iteration 2") == 1
+    ckpt = load_checkpoint(tmp_path / "model_0000002.pth")
+    assert ckpt["iteration"] == 2 and ckpt["sampler"] == {"epoch": 0, "start_batch": 2}
     monkeypatch.setattr(loop_mod, "train_step", real_step)
-    train(smoke_cfg(shapes_cache, "train.checkpoint_period=0"), output_dir=tmp_path, resume=True, log=lambda s: None)
+    assert main([*args, "--resume"]) == 0
     assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
+    reference, after = train_losses(out), train_losses(tmp_path)
+    assert sorted(after) == [1, 2, 3, 4]
+    for it in (3, 4):
+        assert after[it] == pytest.approx(reference[it], rel=1e-6, abs=1e-7), it
 
 
 def test_a_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -226,7 +270,30 @@ def test_periodic_evaluation_and_best_checkpoint(tmp_path, shapes_cache):
     evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "eval"]
     assert [r["iteration"] for r in evals] == [2, 4]
     assert all("bbox/AP" in r for r in evals)
-    assert (tmp_path / "model_best.pth").is_file()
+    best = max(r["bbox/AP"] or 0.0 for r in evals)
+    assert (tmp_path / "model_best.pth").is_file() == (best > 0)
+    if best > 0:
+        assert load_checkpoint(tmp_path / "model_best.pth")["best_metric"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("ap", [0.0, float("nan")])
+def test_no_best_checkpoint_without_a_positive_ap(tmp_path, shapes_cache, monkeypatch, ap):
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *args, **kwargs: {"bbox/AP": ap})
+    train(smoke_cfg(shapes_cache, "train.eval_period=2", "train.checkpoint_period=0"), output_dir=tmp_path,
+          log=lambda s: None)
+    assert (tmp_path / "model_final.pth").is_file() and not (tmp_path / "model_best.pth").exists()
+
+
+def test_a_schedule_longer_than_the_run_is_scaled_with_one_warning(tmp_path, shapes_cache):
+    logged = []
+    cfg = smoke_cfg(shapes_cache, "train.schedule.warmup_iters=1000", "train.schedule.milestones=[60000,80000]",
+                    "train.checkpoint_period=0", "eval.num_vis_images=0")
+    train(cfg, output_dir=tmp_path, log=logged.append)
+    warnings = [line for line in logged if "train.schedule does not fit" in line]
+    assert warnings == ["warning: train.schedule does not fit in 4 iterations; scaled to fit: warmup_iters 1000 -> 0; "
+                        "milestones [60000, 80000] (iter) -> [2, 3] (iter)"]
+    lrs = {r["iteration"]: r["lr"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("type") == "train"}
+    assert lrs[1] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.001) and lrs[3] == pytest.approx(0.0001)
 
 
 def test_channels_last_training_runs_the_backbone_in_channels_last(tmp_path, shapes_cache, monkeypatch):
@@ -247,3 +314,19 @@ def test_channels_last_training_runs_the_backbone_in_channels_last(tmp_path, sha
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert "bbox/AP" in metrics
     assert seen and all(seen)  # every batch (training and evaluation) entered the backbone channels-last
+
+
+def test_every_output_file_gets_the_same_permissions_under_the_umask(tmp_path, shapes_cache):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        train(smoke_cfg(shapes_cache, "train.max_iters=2", "train.checkpoint_period=1"), output_dir=tmp_path,
+              log=lambda s: None)
+    finally:
+        os.umask(old)
+    names = ("metrics.jsonl", "config.yaml", "model_0000001.pth", "model_final.pth", "last_checkpoint", "metrics.json",
+             "results.json", "predictions.png", "curves.png")
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in names}
+    assert modes == dict.fromkeys(names, 0o640)
