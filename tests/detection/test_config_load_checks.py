@@ -64,3 +64,31 @@ def test_aspect_ratios_fail_at_load(override, expected):
     with pytest.raises(ConfigError) as info:
         load_config(TINY, [override])
     assert str(info.value).startswith(expected)
+
+
+def test_augment_is_checked_against_the_transform_table_naming_the_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        f"base: {TINY}\ndata:\n  val:\n    augment: [{{name: scale_jitter, size: 64}}, {{name: vflip}}]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(
+        f"{path}: data.val.augment[1].name is 'vflip', not a known transform (did you mean 'vertical_flip'?)"
+    )
+    with pytest.raises(ConfigError, match=r"data.train.augment\[0\] is invalid: 'scale_jitter': missing required"):
+        load_config(TINY, ["data.train.augment=[{name: scale_jitter}]"])
+    cfg = load_config(TINY, ["data.train.augment=[{name: scale_jitter, size: 64}, {name: color_jitter, hue: 0.1}]"])
+    assert [spec["name"] for spec in cfg.data.train.augment] == ["scale_jitter", "color_jitter"]
+
+
+def test_closest_transform_name():
+    from detection.config.augment import closest_name
+    from detection.data.transforms import transform_names
+
+    names = transform_names()
+    assert closest_name("hflip", names) == "horizontal_flip"
+    assert closest_name("HFlip", names) == "horizontal_flip"
+    assert closest_name("colour_jitter", names) == "color_jitter"
+    assert closest_name("rrcrop", names) == "random_resized_crop"
+    assert closest_name("blur", names) is None
