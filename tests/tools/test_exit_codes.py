@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs/smoke/tiny_cpu.yaml")
 
 
-def _one_line_error(capsys) -> str:
+def _one_line_error(capsys, *, after_log: bool = False) -> str:
+    """The one ``error:`` line on stderr; with ``after_log`` the training log may come before it."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ")
-    return lines[0]
+    assert len(lines) == 1 or after_log, err
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1, err
+    return lines[-1]
 
 
 def test_the_table_is_declared_once():
@@ -62,12 +64,13 @@ def test_print_config_error_is_one_line_and_debug_shows_the_traceback(load_tool,
     assert "Traceback" in capsys.readouterr().err
 
 
-def _to_dev_full(monkeypatch):
-    """Every atomic write of detection.io lands on /dev/full, as on a disk with no space left."""
+def _to_dev_full(monkeypatch, pattern=""):
+    """Atomic writes of detection.io whose name contains ``pattern`` land on /dev/full (a full disk)."""
     real = os.fdopen
 
     def fdopen(fd, mode="r", **kwargs):
-        if not os.readlink(f"/proc/self/fd/{fd}").endswith(detection.io.TMP_SUFFIX):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if not (name.endswith(detection.io.TMP_SUFFIX) and pattern in name):
             return real(fd, mode, **kwargs)
         os.close(fd)
         return open("/dev/full", mode, **kwargs)  # noqa: SIM115 - closed by the caller
@@ -76,16 +79,20 @@ def _to_dev_full(monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_full_disk_names_the_path_and_the_bytes(load_tool, capsys, monkeypatch, tmp_path):
-    _to_dev_full(monkeypatch)
+@pytest.mark.parametrize("pattern", ["", ".pth."])
+def test_full_disk_names_the_path_and_the_bytes(load_tool, capsys, monkeypatch, tmp_path, pattern):
+    _to_dev_full(monkeypatch, pattern)  # every output file, or only the checkpoint (after one iteration)
     out = tmp_path / "run"
     code = load_tool("train_det").main([
-        "--config", TINY, "--output-dir", str(out),
-        "--set", f"data.shapes.cache_dir={tmp_path / 'shapes'}", "train.max_iters=1",
+        "--config", TINY, "--output-dir", str(out), "--set", f"data.shapes.cache_dir={tmp_path / 'shapes'}",
+        "train.max_iters=1", "eval.num_vis_images=0", "data.shapes.num_val=0",
     ])
-    line = _one_line_error(capsys)
+    line = _one_line_error(capsys, after_log=True)
     assert code == 2
-    assert f"no space left on the disk of '{out}'" in line and "bytes" in line
+    assert f"no space left on the disk of '{out}' while writing" in line
+    assert re.search(r"it needed at least [\d,]+ bytes", line)
+    if pattern:
+        assert "while writing 'model_" in line
     assert not [p for p in out.iterdir() if p.name.endswith(detection.io.TMP_SUFFIX)]
 
 
