@@ -7,7 +7,8 @@ Examples::
         --show-origin
     python tools/print_config.py --reference      # every key with its type, default, range and description
 
-Exit status: 0 on success, 2 on an invalid config (one ``error: ...`` line on stderr).
+Exit status (the table of ``detection.cli``): 0 on success, 2 on an invalid config (one ``error: ...``
+line on stderr; ``--debug`` or ``DETECTION_DEBUG=1`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from detection.config import ConfigError, config_reference, format_config, load_config_with_origins
+from detection.cli import add_debug_argument, run_main
+from detection.config import config_reference, format_config, load_config_with_origins
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print every config key with its type, default, range and description, then exit",
     )
+    add_debug_argument(parser)
     return parser
 
 
@@ -55,17 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help or a usage error: report the status instead of exiting the caller
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    if args.reference:
-        sys.stdout.write(config_reference())
-        return 0
-    try:
+
+    def body() -> int:
+        if args.reference:
+            sys.stdout.write(config_reference())
+            return 0
         cfg, origins = load_config_with_origins(args.config, args.overrides)
-    except ConfigError as exc:
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    sys.stdout.write(format_config(cfg, origins if args.show_origin else None))
-    return 0
+        sys.stdout.write(format_config(cfg, origins if args.show_origin else None))
+        return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

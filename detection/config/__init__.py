@@ -4,7 +4,8 @@
   dataclasses whose defaults are the defaults, each field documented and range-checked where it is
   declared (:mod:`.fields`);
 * :mod:`.loader`: YAML files with ``base:`` inheritance and ``--set`` overrides, converted strictly by
-  :mod:`.convert`, with the file each value came from;
+  :mod:`.convert`, with the file each value came from; :mod:`.augment` then checks every
+  ``data.<split>.augment`` entry against the transform table of :mod:`detection.data.transforms`;
 * :mod:`.render`: plain dicts, YAML dumps (optionally annotated with origins), diffs, the reference.
 
 Example::

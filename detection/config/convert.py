@@ -16,10 +16,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .errors import ConfigError
+from .errors import ConfigError, FieldError
 from .fields import describe, hints, is_under, is_union, join, parent, type_name
 
-__all__ = ["BOOL_HINT", "from_dict"]
+__all__ = ["BOOL_HINT", "from_dict", "located_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -296,3 +296,13 @@ def from_dict(
     if not isinstance(data, Mapping):
         raise _mismatch(cls, data, prefix, ctx)
     return _convert_dataclass(cls, data, prefix, ctx)
+
+
+def located_error(exc: FieldError, *, source: str, origins: Mapping[str, str] | None = None) -> ConfigError:
+    """A :class:`FieldError` whose ``field`` is a full dotted key, as one line naming the file that set it.
+
+    For checks made after :func:`from_dict` (those that need other modules' tables); ``source`` is
+    named when no entry of ``origins`` covers the key.
+    """
+    ctx = _Context(source=source, origins=origins, root=object)
+    return ConfigError(f"{_source_of(ctx, exc.field)}: {exc.field} {exc.problem}")

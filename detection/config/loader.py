@@ -18,8 +18,9 @@ from typing import Any, TypeVar, overload
 
 import yaml
 
-from .convert import from_dict
-from .errors import ConfigError, ConfigFileNotFoundError
+from .augment import check_augment
+from .convert import from_dict, located_error
+from .errors import ConfigError, ConfigFileNotFoundError, FieldError
 from .fields import is_under, join, type_name
 from .schema import ExperimentConfig
 
@@ -244,7 +245,13 @@ def load_config_with_origins(
     _apply_overrides(merged, origins, overrides)
     if overrides and path is None:
         source = OVERRIDE_SOURCE
-    return from_dict(cls, merged, source=source, origins=origins), origins
+    cfg = from_dict(cls, merged, source=source, origins=origins)
+    if isinstance(cfg, ExperimentConfig):
+        try:
+            check_augment(cfg)
+        except FieldError as exc:
+            raise located_error(exc, source=source, origins=origins) from None
+    return cfg, origins
 
 
 @overload
@@ -269,8 +276,10 @@ def load_config(
 
     Raises:
         ConfigFileNotFoundError: ``path`` does not exist.
-        ConfigError: invalid YAML, a missing base, a ``base:`` cycle, an unknown key, a wrong type or an
-            out-of-range value; the message names the file (or ``--set``) and the dotted key.
+        ConfigError: invalid YAML, a missing base, a ``base:`` cycle, an unknown key, a wrong type, an
+            out-of-range value, anchors for the wrong number of pyramid levels, or an augmentation that
+            :mod:`detection.data.transforms` refuses; the message names the file (or ``--set``) and the
+            dotted key.
 
     Example::
 

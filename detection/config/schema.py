@@ -49,6 +49,31 @@ EvalBackend = Literal[EVAL_BACKENDS]  # type: ignore[valid-type]
 _BELOW_1 = Bound(0, 1, high_open=True)
 
 
+def _fpn_extra_levels(extra: str) -> int:
+    """Levels that ``model.backbone.fpn.extra`` adds on top of the FPN's inputs."""
+    # The count per extra is declared with the FPN that builds them; it is not exported yet.
+    from backbone.fpn import _EXTRA_LEVELS
+
+    return _EXTRA_LEVELS[extra]
+
+
+def _levels_source(model: ModelConfig) -> str:
+    spec = arch_spec(model.arch)
+    body = model.backbone.out_features or spec.out_features
+    text = f"model.arch={model.arch!r} with backbone.out_features={list(body)}"
+    if model.backbone.fpn.enabled:
+        text += f" and backbone.fpn.extra={model.backbone.fpn.extra or spec.fpn_extra!r}"
+    return text
+
+
+def _fit_anchor_sizes(sizes: tuple[tuple[int, ...], ...], n: int) -> list[list[int]]:
+    """``sizes`` cut or extended to ``n`` levels; each added level doubles the one below (the stride does)."""
+    fitted = [list(level) for level in sizes[:n]]
+    while len(fitted) < n:
+        fitted.append([2 * s for s in fitted[-1]])
+    return fitted
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig(Section):
     """The detector: torchvision architecture, backbone, input resizing, anchors and head options."""
@@ -106,10 +131,40 @@ class ModelConfig(Section):
                 "must be a non-empty list with one non-empty list of positive ints per pyramid level, "
                 f"e.g. [[32], [64], [128], [256], [512]]; got {self.anchor_sizes!r}",
             )
+        self._check_anchor_levels()
         try:
             self.head.check_arch(self.arch)
         except FieldError as exc:
             raise FieldError(f"head.{exc.field}", exc.problem) from None
+
+    def pyramid_levels(self) -> tuple[str, ...]:
+        """Names of the feature levels the detector's backbone produces, e.g. ``("p2", ..., "p6")``.
+
+        The backbone's ``out_features`` (the arch's default when null) feed the FPN, which adds
+        ``fpn.extra``'s levels (the arch's default when null) on top; without the FPN the body levels
+        themselves (``"c3"``, ...) are the outputs. Anchors need one size list per level.
+        """
+        spec = arch_spec(self.arch)
+        body = self.backbone.out_features or spec.out_features
+        if not self.backbone.fpn.enabled:
+            return tuple(body)
+        extra = self.backbone.fpn.extra or spec.fpn_extra
+        top = int(body[-1][1:])
+        return tuple(f"p{name[1:]}" for name in body) + tuple(
+            f"p{top + k}" for k in range(1, _fpn_extra_levels(extra) + 1)
+        )
+
+    def _check_anchor_levels(self) -> None:
+        if self.anchor_sizes is None:
+            return
+        levels = self.pyramid_levels()
+        if len(self.anchor_sizes) != len(levels):
+            raise FieldError(
+                "anchor_sizes",
+                f"has {len(self.anchor_sizes)} size list(s) but {_levels_source(self)} gives {len(levels)} "
+                f"pyramid levels ({', '.join(levels)}); give one list per level, e.g. "
+                f"{_fit_anchor_sizes(self.anchor_sizes, len(levels))}, or null for the architecture's default",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -143,7 +143,7 @@ def test_mappings_merge_lists_replace(tmp_path):
         """\
         base: base.yaml
         model:
-          anchor_sizes: [[8]]
+          anchor_sizes: [[8], [16], [32], [64], [128]]
           head: {box_nms_thresh: 0.5}
         data:
           train:
@@ -151,7 +151,7 @@ def test_mappings_merge_lists_replace(tmp_path):
         """,
     )
     cfg = load_config(child)
-    assert cfg.model.anchor_sizes == ((8,),)
+    assert cfg.model.anchor_sizes == ((8,), (16,), (32,), (64,), (128,))
     assert cfg.model.head == HeadConfig(box_detections_per_img=50, box_nms_thresh=0.5)
     assert cfg.data.train.augment == ({"name": "vertical_flip"},)
 
@@ -547,7 +547,7 @@ def test_dump_then_load_round_trips(tmp_path):
           arch: faster_rcnn
           backbone: {name: resnet18, out_features: [c3, c4, c5], weights: 'on'}
           min_size: [640, 800]
-          anchor_sizes: [[32], [64], [128]]
+          anchor_sizes: [[32], [64], [128], [256]]
           aspect_ratios: [0.5, 1, 2]
           head: {box_score_thresh: 0.05, rpn_pre_nms_top_n_test: 500, box_head_convs: [64, 64],
                  bbox_reg_weights: [10, 10, 5, 5]}
@@ -567,7 +567,7 @@ def test_dump_then_load_round_trips(tmp_path):
     assert load_config(out) == cfg
     plain = config_to_dict(cfg)
     assert plain["model"]["min_size"] == [640, 800]
-    assert plain["model"]["anchor_sizes"] == [[32], [64], [128]]
+    assert plain["model"]["anchor_sizes"] == [[32], [64], [128], [256]]
     assert plain["model"]["backbone"]["weights"] == "on"
     # model.head holds only the options that are set, as resolved configs and checkpoints always had it
     assert plain["model"]["head"] == {
