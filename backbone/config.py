@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
 __all__ = [
+    "FPN_EXTRA_LEVELS",
     "ARCHITECTURES",
     "BLOCKS",
     "DEFAULT_FPN_EXTRA",
@@ -49,6 +50,8 @@ OutputStride = Literal[8, 16, 32]
 NORMS: tuple[str, ...] = get_args(NormName)
 FPN_NORMS: tuple[str, ...] = get_args(FPNNormName)
 FPN_EXTRAS: tuple[str, ...] = get_args(ExtraName)
+#: Pyramid levels each extra adds above the top input level (P6, or P6 and P7).
+FPN_EXTRA_LEVELS: dict[str, int] = {"none": 0, "maxpool": 1, "p6p7_c5": 2, "p6p7_p5": 2}
 BLOCKS: tuple[str, ...] = get_args(BlockName)
 STYLES: tuple[str, ...] = get_args(StyleName)
 OUTPUT_STRIDES: tuple[int, ...] = get_args(OutputStride)

@@ -15,15 +15,11 @@ from torch import Tensor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from .config import DEFAULT_FPN_EXTRA, DEFAULT_FPN_NORM, FPN_EXTRAS, FPN_NORMS, check_choice
+from .config import DEFAULT_FPN_EXTRA, DEFAULT_FPN_NORM, FPN_EXTRA_LEVELS, FPN_EXTRAS, FPN_NORMS, check_choice
 from .features import FeatureInfo, FeatureSpec, ShapeSpec
 from .norm import make_norm
 
 __all__ = ["FPN"]
-
-#: Pyramid levels each extra adds on top of the input's top level.
-_EXTRA_LEVELS = {"none": 0, "maxpool": 1, "p6p7_c5": 2, "p6p7_p5": 2}
-
 
 def _level(name: str) -> int:
     digits = "".join(ch for ch in name if ch.isdigit())
@@ -95,7 +91,7 @@ class FPN(FeaturePyramidNetwork):
         specs = [FeatureSpec(f"p{_level(s.name)}", out_channels, s.stride) for s in in_feature_info]
         specs += [
             FeatureSpec(f"p{_level(top.name) + k}", out_channels, top.stride * 2**k)
-            for k in range(1, _EXTRA_LEVELS[extra] + 1)
+            for k in range(1, FPN_EXTRA_LEVELS[extra] + 1)
         ]
         self.in_feature_info = in_feature_info
         self.extra = extra

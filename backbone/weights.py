@@ -83,7 +83,8 @@ def safe_load(path: str | os.PathLike[str]) -> object:
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint: {exc}") from exc
     except (EOFError, zipfile.BadZipFile) as exc:
         raise _truncated(path, f"{type(exc).__name__}: {exc}") from exc
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError, KeyError, IndexError) as exc:
+        # A pickle that torch.load cannot interpret (e.g. a plain Python pickle) fails with KeyError / IndexError.
         raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 

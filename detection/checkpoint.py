@@ -14,16 +14,16 @@ text file naming the newest checkpoint, which ``--resume`` reads).
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from backbone import WeightsError, safe_load
 
 from .io import TMP_SUFFIX, atomic_torch_save, atomic_write_text
 
@@ -93,9 +93,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        ckpt = safe_load(path)
+    except WeightsError as exc:
+        raise CheckpointError(f"cannot resume: {exc}") from exc
     required = ("model", "optimizer", "iteration", "config")
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required):
         have = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -10,7 +10,8 @@ code    meaning
 1       diverged: training stopped on non-finite losses or weights (any ``FloatingPointError``,
         such as :class:`~detection.engine.NonFiniteLossError`; :data:`EXIT_DIVERGED`)
 2       bad input or config: a config key, a data / weights / checkpoint / results file, an
-        output folder that cannot be written (:data:`EXIT_USER_ERROR`)
+        output folder that cannot be written, or a distributed process that stopped answering
+        within ``train.dist_timeout`` (:data:`EXIT_USER_ERROR`)
 130     interrupted (Ctrl-C); the trainer saved a checkpoint first, continue with ``--resume``
 ======  =====================================================================================
 
@@ -97,11 +98,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .checkpoint import CheckpointError
     from .data import DatasetError
+    from .distributed import DistributedTimeout
     from .io import OutputWriteError
     from .trainer import ResumeError
 
     return (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, WeightsError,
-            CheckpointError, DatasetError, ResumeError, OutputWriteError)
+            CheckpointError, DatasetError, ResumeError, OutputWriteError, DistributedTimeout)
 
 
 def _is_user_error(exc: BaseException) -> bool:

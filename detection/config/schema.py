@@ -51,10 +51,9 @@ _BELOW_1 = Bound(0, 1, high_open=True)
 
 def _fpn_extra_levels(extra: str) -> int:
     """Levels that ``model.backbone.fpn.extra`` adds on top of the FPN's inputs."""
-    # The count per extra is declared with the FPN that builds them; it is not exported yet.
-    from backbone.fpn import _EXTRA_LEVELS
+    from backbone.config import FPN_EXTRA_LEVELS
 
-    return _EXTRA_LEVELS[extra]
+    return FPN_EXTRA_LEVELS[extra]
 
 
 def _levels_source(model: ModelConfig) -> str:

@@ -33,7 +33,7 @@ def test_annotations_and_tuples_are_one_vocabulary():
 def test_modules_cover_exactly_the_vocabulary():
     assert set(norm_module.NORM_LAYERS) == set(cfg_module.NORMS)
     assert set(cfg_module.FPN_NORMS) <= set(cfg_module.NORMS) | {"none"}
-    assert set(fpn_module._EXTRA_LEVELS) == set(cfg_module.FPN_EXTRAS)
+    assert set(cfg_module.FPN_EXTRA_LEVELS) == set(cfg_module.FPN_EXTRAS)
     assert set(resnet_module._BLOCK_CLASSES) == set(cfg_module.BLOCKS)
     assert set(resnet_module._DILATED) == set(cfg_module.OUTPUT_STRIDES)
     assert not hasattr(fpn_module, "EXTRA_CHOICES")
@@ -46,7 +46,7 @@ def test_modules_cover_exactly_the_vocabulary():
 @pytest.mark.parametrize("extra", ["none", "maxpool", "p6p7_c5", "p6p7_p5"])
 def test_every_extra_builds_the_levels_it_declares(extra):
     fpn = FPN(FeatureInfo([("c4", 32, 16), ("c5", 64, 32)]), 16, extra=extra)
-    assert len(fpn.feature_info) == 2 + fpn_module._EXTRA_LEVELS[extra]
+    assert len(fpn.feature_info) == 2 + cfg_module.FPN_EXTRA_LEVELS[extra]
 
 
 def test_unknown_choices_list_the_vocabulary():
@@ -85,3 +85,4 @@ def test_every_backbone_option_is_documented_in_its_field_metadata():
     for cls in (BackboneConfig, FPNConfig):
         undocumented = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("doc")]
         assert not undocumented, f"{cls.__name__} fields without metadata['doc']: {undocumented}"
+
