@@ -13,7 +13,10 @@ from typing import Any, Literal
 from .errors import ConfigError, FieldError
 from .fields import COUNT, NON_NEGATIVE, POSITIVE_FRACTION, Bound, Section, option
 
-__all__ = ["DataConfig", "DatasetConfig", "ShapesConfig"]
+__all__ = ["DataConfig", "DatasetConfig", "ShapesConfig", "check_source_conflict"]
+
+_SPLITS = ("train", "val")
+_PATH_KEYS = ("ann_file", "img_dir")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +120,8 @@ class DataConfig(Section):
     source: Literal["coco", "shapes"] = option(
         "coco",
         doc="coco reads train / val (COCO-format files); shapes uses the built-in synthetic dataset "
-        "configured by shapes and ignores the train / val paths.",
+        "configured by shapes. Setting a train or val path (ann_file / img_dir) selects coco, whatever a "
+        "base file says; source: shapes set in the same file (or --set) as such a path is an error.",
     )
     train: DatasetConfig = option(
         factory=DatasetConfig,
@@ -144,6 +148,12 @@ class DataConfig(Section):
         "a warning.",
     )
 
+    def validate(self) -> None:
+        """Switch to COCO data when a split path is set (see :func:`check_source_conflict` for the error)."""
+        super().validate()
+        if self.source == "shapes" and _coco_path_keys(self):
+            object.__setattr__(self, "source", "coco")  # frozen: set once, while the section is built
+
     def validate_for_training(self) -> None:
         """Raise :class:`ConfigError` unless a training split is configured.
 
@@ -155,3 +165,34 @@ class DataConfig(Section):
                 "data.source is 'coco' but data.train.ann_file and data.train.img_dir are not set; set both "
                 "(e.g. in a base file such as configs/base/coco_instances.yaml) or use data.source: shapes"
             )
+
+
+def _coco_path_keys(data: DataConfig) -> list[str]:
+    """The dotted keys (``train.ann_file``, ...) of the split paths that are set."""
+    return [f"{split}.{key}" for split in _SPLITS for key in _PATH_KEYS
+            if getattr(getattr(data, split), key) is not None]
+
+
+def check_source_conflict(tree: Mapping[str, Any], origins: Mapping[str, str]) -> None:
+    """Refuse ``data.source: shapes`` set by the same file (or ``--set``) as a split path.
+
+    ``tree`` is the merged, unconverted config and ``origins`` maps dotted keys to the source that set
+    them (as :func:`~detection.config.load_config_with_origins` records them). A path set elsewhere (on
+    the command line over a shapes base file, say) simply selects COCO data (:meth:`DataConfig.validate`).
+
+    Raises:
+        ConfigError: naming the source and both keys.
+    """
+    data = tree.get("data")
+    if not isinstance(data, Mapping) or data.get("source") != "shapes":
+        return
+    source = origins.get("data.source")
+    for split in _SPLITS:
+        section = data.get(split)
+        for key in _PATH_KEYS:
+            dotted = f"data.{split}.{key}"
+            if isinstance(section, Mapping) and section.get(key) is not None and origins.get(dotted) == source:
+                raise ConfigError(
+                    f"{source}: data.source is 'shapes' but {dotted} is set in the same place; remove "
+                    f"data.source (a split path selects COCO data) or remove {dotted} to use the shapes dataset"
+                )
