@@ -205,17 +205,6 @@ def _per_category_ap(coco_eval: Any, cat_ids: Sequence[int]) -> dict[int, float]
     return out
 
 
-def _categories_with_gt(coco_gt: Any, iou_type: str, image_ids: set[int] | None) -> set[int]:
-    cats = set()
-    for ann in coco_gt.dataset.get("annotations", []):
-        if ann.get("iscrowd", 0) or (image_ids is not None and ann["image_id"] not in image_ids):
-            continue
-        if iou_type == "keypoints" and not ann.get("num_keypoints", 0):
-            continue
-        cats.add(ann["category_id"])
-    return cats
-
-
 def evaluate_coco_results(
     coco_gt: COCO | str | Path,
     results: list[dict] | str | Path,
@@ -249,7 +238,7 @@ def evaluate_coco_results(
         A flat dict: ``{t}/AP``, ``{t}/AP50``, ``{t}/AP75``, ``{t}/APs``, ``{t}/APm``, ``{t}/APl`` for ``t``
         in ``bbox``/``segm`` (keypoints: no ``APs``), then ``{t}/AP-{category name}`` per GT category, all
         in percent (0..100). Cells without ground truth (COCOeval's -1) are NaN. With no results for an iou
-        type, its AP values are 0.0 (NaN for categories without ground truth) and a warning says so.
+        type, its AP values are NaN (as detectron2 reports them) and one warning says so.
 
     Raises:
         ValueError: results refer to image or category ids not in the ground truth, lack the field an
@@ -267,8 +256,9 @@ def evaluate_coco_results(
     if not results:
         where = " for the selected images" if selected is not None else ""
         message = f"No predictions were made: there are no COCO results{where}"
+        # detectron2's COCOEvaluator reports NaN when nothing was predicted: 0.0 would read as a score.
         warnings.warn(
-            f"{message}; all AP values of {list(iou_types)} are reported as 0.0", UserWarning, stacklevel=2
+            f"{message}; all AP values of {list(iou_types)} are reported as nan", UserWarning, stacklevel=2
         )
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
@@ -316,11 +306,9 @@ def _evaluate_iou_type(
     eval_ids = sorted(selected) if selected is not None else None
     outcome = run_cocoeval(gt, results, iou_type, backend=backend, image_ids=eval_ids)
     seconds = time.perf_counter() - tic
-    if outcome is None:
-        log(f"No predictions for {iou_type}: reporting AP 0.0")
-        with_gt = _categories_with_gt(gt, iou_type, selected)
-        values = {f"{iou_type}/{n}": 0.0 for n in STAT_NAMES[iou_type]}
-        return values, {cid: 0.0 if cid in with_gt else float("nan") for cid in cat_ids}
+    if outcome is None:  # no results: evaluate_coco_results has warned once
+        values = {f"{iou_type}/{n}": float("nan") for n in STAT_NAMES[iou_type]}
+        return values, {cid: float("nan") for cid in cat_ids}
     coco_eval, summary = outcome
     log(
         f"Evaluating {iou_type} with {backend}: {len(results)} results on {len(coco_eval.params.imgIds)} images"
