@@ -133,10 +133,10 @@ class DataConfig(Section):
     shapes: ShapesConfig = option(
         factory=ShapesConfig, doc="the synthetic dataset, used when source is shapes."
     )
-    num_workers: int = option(
-        2,
-        bound=NON_NEGATIVE,
-        doc="DataLoader worker processes per training process (0 loads in the main process).",
+    num_workers: int | Literal["auto"] = option(
+        "auto",
+        doc="DataLoader worker processes per training process (0 loads in the main process). auto: up to 4, "
+        "never more than the CPUs this process may use; a larger number is lowered to that, with one warning.",
     )
     aspect_ratio_grouping: bool = option(
         True,
@@ -149,8 +149,10 @@ class DataConfig(Section):
     )
 
     def validate(self) -> None:
-        """Switch to COCO data when a split path is set (see :func:`check_source_conflict` for the error)."""
+        """Check num_workers; switch to COCO data when a split path is set (see :func:`check_source_conflict`)."""
         super().validate()
+        if isinstance(self.num_workers, int) and self.num_workers < 0:
+            raise FieldError("num_workers", f"must be >= 0 or auto; got {self.num_workers}")
         if self.source == "shapes" and _coco_path_keys(self):
             object.__setattr__(self, "source", "coco")  # frozen: set once, while the section is built
 
