@@ -13,7 +13,7 @@ from typing import Any, Literal
 from .errors import ConfigError, FieldError
 from .fields import COUNT, NON_NEGATIVE, POSITIVE_FRACTION, Bound, Section, option
 
-__all__ = ["DataConfig", "DatasetConfig", "ShapesConfig", "check_source_conflict"]
+__all__ = ["DataConfig", "DatasetConfig", "ShapesConfig", "TrainDatasetConfig", "check_source_conflict"]
 
 _SPLITS = ("train", "val")
 _PATH_KEYS = ("ann_file", "img_dir")
@@ -21,28 +21,19 @@ _PATH_KEYS = ("ann_file", "img_dir")
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig(Section):
-    """One split of a COCO-format dataset."""
+    """One split of a COCO-format dataset: its annotation file and image folder (``data.val``)."""
 
     ann_file: str | None = option(
-        None, doc="COCO instances JSON file (instances_train2017.json). Set together with img_dir."
+        None,
+        doc="COCO instances JSON file of this split (for COCO itself instances_train2017.json or "
+        "instances_val2017.json). Set together with img_dir; setting it selects data.source: coco.",
     )
     img_dir: str | None = option(None, doc="folder holding the images named by the JSON's file_name.")
-    filter_empty: bool = option(
-        True,
-        doc="training split only: drop images without usable annotations (instead of keeping them as "
-        "negatives). Evaluation always keeps every image.",
-    )
-    augment: tuple[dict[str, Any], ...] = option(
-        (),
-        doc="training augmentations, applied in order; each item is {name: <transform>, <param>: <value>, "
-        "...}, e.g. [{name: horizontal_flip, p: 0.5}]. Names and parameters are checked by detection.data. "
-        "Ignored for evaluation.",
-    )
 
     def validate(self) -> None:
-        """Check that the paths come in pairs and that every augmentation has a name."""
+        """Check that the paths come in pairs."""
         super().validate()
-        for name in ("ann_file", "img_dir"):
+        for name in _PATH_KEYS:
             value = getattr(self, name)
             if not (value is None or (isinstance(value, str) and value.strip() != "")):
                 raise FieldError(name, f"must be a non-empty path or null; got {value!r}")
@@ -51,6 +42,27 @@ class DatasetConfig(Section):
             raise FieldError(
                 missing, f"is not set but {given} is; a COCO split needs both ann_file and img_dir"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainDatasetConfig(DatasetConfig):
+    """The training split (``data.train``): the paths plus what only training uses."""
+
+    filter_empty: bool = option(
+        True,
+        doc="drop images without usable annotations (instead of keeping them as negatives). Evaluation "
+        "always keeps every image.",
+    )
+    augment: tuple[dict[str, Any], ...] = option(
+        (),
+        doc="augmentations, applied in order; each item is {name: <transform>, <param>: <value>, ...}, e.g. "
+        "[{name: horizontal_flip, p: 0.5}]. Names and parameters are checked by detection.data. "
+        "Evaluation runs without augmentation.",
+    )
+
+    def validate(self) -> None:
+        """Check the paths, and that every augmentation has a name."""
+        super().validate()
         for i, spec in enumerate(self.augment):
             if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
                 raise FieldError(
@@ -123,12 +135,14 @@ class DataConfig(Section):
         "configured by shapes. Setting a train or val path (ann_file / img_dir) selects coco, whatever a "
         "base file says; source: shapes set in the same file (or --set) as such a path is an error.",
     )
-    train: DatasetConfig = option(
-        factory=DatasetConfig,
+    train: TrainDatasetConfig = option(
+        factory=TrainDatasetConfig,
         doc="the training split. Needed for training with source: coco (checked when a run starts).",
     )
     val: DatasetConfig = option(
-        factory=DatasetConfig, doc="the validation split. Optional: a run without it skips evaluation."
+        factory=DatasetConfig,
+        doc="the validation split (evaluated without augmentation, every image kept). Optional: a run "
+        "without it skips evaluation.",
     )
     shapes: ShapesConfig = option(
         factory=ShapesConfig, doc="the synthetic dataset, used when source is shapes."

@@ -59,3 +59,13 @@ def test_train_det_uses_the_given_coco_files(coco128: Path, tmp_path: Path, load
     assert "shapes" not in log.lower().replace("quickstart", "")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics
+
+
+def test_reference_gives_val_its_own_text(load_tool, capsys) -> None:
+    assert load_tool("print_config").main(["--reference"]) == 0
+    reference = capsys.readouterr().out
+    val = {line.split()[0] for line in reference.splitlines() if line.startswith("data.val.")}
+    assert val == {"data.val.ann_file", "data.val.img_dir"}
+    assert "data.train.augment" in reference and "data.train.filter_empty" in reference
+    section = reference[reference.index("data.val  ("):reference.index("data.val.ann_file")]
+    assert "validation split" in section and "training" not in section
