@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..archs import EVAL_BACKENDS, IOU_TYPES
-from ..data.annotations import make_coco
+from ..data.annotations import load_annotation_file, make_coco
 from .checks import (
     check_gt_keypoints,
     check_iou_types,
+    check_result_entries,
     check_result_fields,
     check_result_ids,
     first_ids,
     load_results,
+    naming_results_file,
     to_index,
 )
 from .tables import STAT_NAMES, format_category_table, format_summary_table
@@ -38,9 +40,6 @@ __all__ = [
     "load_coco_gt",
     "run_cocoeval",
 ]
-
-
-
 
 IouType = Literal[IOU_TYPES]  # type: ignore[valid-type]
 
@@ -83,6 +82,7 @@ def load_coco_gt(source: Any, backend: Backend = "pycocotools") -> Any:
 
     Raises:
         FileNotFoundError: ``source`` is a path that does not exist.
+        DatasetError: the file is not JSON (naming line and column) or lacks the COCO top-level lists.
         TypeError: ``source`` is none of the accepted kinds.
     """
     coco_cls, _ = backend_api(backend)
@@ -92,7 +92,7 @@ def load_coco_gt(source: Any, backend: Backend = "pycocotools") -> Any:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {path}")
-        return make_coco(path, coco_cls)
+        return make_coco(load_annotation_file(path), coco_cls)
     dataset = getattr(source, "dataset", source)
     if not isinstance(dataset, Mapping):
         raise TypeError(
@@ -241,14 +241,20 @@ def evaluate_coco_results(
         type, its AP values are NaN (as detectron2 reports them) and one warning says so.
 
     Raises:
-        ValueError: results refer to image or category ids not in the ground truth, lack the field an
-            iou type needs (e.g. ``segmentation`` for ``"segm"``), or the arguments are invalid.
+        ResultsError: (a ``ValueError``) the results file is not JSON, or the results refer to image or
+            category ids not in the ground truth, have a missing, mistyped or non-finite field, or lack
+            the field an iou type needs (e.g. ``segmentation`` for ``"segm"``); it names the file and the
+            first bad entry.
+        ValueError: the arguments are invalid.
         FileNotFoundError: a given path does not exist.
     """
     iou_types = check_iou_types(iou_types)
     gt = load_coco_gt(coco_gt, backend)
+    source = os.fspath(results) if isinstance(results, (str, os.PathLike)) else None
     results = load_results(results)
-    check_result_ids(gt, results)
+    with naming_results_file(source):
+        check_result_entries(results)
+        check_result_ids(gt, results)
     names = _category_names(gt, class_names)
     selected = _selected_images(gt, image_ids)
     if selected is not None:
@@ -262,7 +268,8 @@ def evaluate_coco_results(
         )
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        values, per_cat_ap = _evaluate_iou_type(gt, results, iou_type, backend, selected, log)
+        with naming_results_file(source):
+            values, per_cat_ap = _evaluate_iou_type(gt, results, iou_type, backend, selected, log)
         keys = _per_category_keys(list(per_cat_ap), names, iou_type)
         per_cat = {keys[cid]: ap for cid, ap in per_cat_ap.items()}
         metrics.update(values)
