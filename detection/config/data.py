@@ -158,8 +158,20 @@ class DataConfig(Section):
     )
     on_bad_image: Literal["error", "skip"] = option(
         "error",
-        doc="what a missing or unreadable image does: error stops with the file name, skip skips it with "
-        "a warning.",
+        doc="what a missing or unreadable image does: error stops with the file name, skip leaves it out "
+        "with a warning. Every file's existence is checked when the dataset is built; a dataset left with "
+        "no image is always an error.",
+    )
+    on_bad_annotation: Literal["error", "skip"] = option(
+        "error",
+        doc="what an invalid mask does (an RLE whose counts do not decode or do not sum to height x width, a "
+        "polygon with fewer than 3 points, an odd length or a non-finite coordinate): error stops naming the "
+        "file, annotation and image; skip drops the annotation, listed in one warning.",
+    )
+    allow_paths_outside_img_dir: bool = option(
+        False,
+        doc="accept image file_names that resolve outside img_dir (../x.jpg, absolute paths); refused "
+        "otherwise.",
     )
 
     def validate(self) -> None:
