@@ -164,9 +164,14 @@ class CocoDetection(torch.utils.data.Dataset):
             with_masks=with_masks,
             on_bad_annotation=on_bad_annotation,
         )
+        if not self._records:
+            raise DatasetError(f"{self.ann_file}: no usable images{_why_empty(train, filter_empty)}")
         self._records = self._with_image_files(self._records, allow_paths_outside_img_dir, dropped_reports)
         if not self._records:
-            raise DatasetError(f"{self.ann_file}: no usable images left{_why_empty(train, filter_empty)}")
+            raise DatasetError(
+                f"{self.ann_file}: no usable images: none of the image files is in {self.img_dir} "
+                "(data.on_bad_image: skip left every one out)"
+            )
         self.ids: list[int] = [r.image_id for r in self._records]
         # Paths already reported by this process under on_bad_image="skip".
         self._warned_bad_images: set[str] = set()
@@ -277,8 +282,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
 def _why_empty(train: bool, filter_empty: bool) -> str:
     if train and filter_empty:
-        return " (images without usable annotations are dropped for training: filter_empty)"
-    return ""
+        return ": no image has a usable annotation (images without one are dropped for training: filter_empty)"
+    return ": the file lists no image"
 
 
 def _to_tensors(image: np.ndarray, target: NumpyTarget) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -87,12 +87,12 @@ def test_zero_usable_images_is_an_error(write_coco, make_ann):
     ann_file, img_dir = write_coco(images, [make_ann(i, i, 1, [1, 1, 9, 9]) for i in (1, 2)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(DatasetError, match=re.escape(f"{ann_file}: no usable images left")):
+        with pytest.raises(DatasetError, match=re.escape(f"{ann_file}: no usable images: none of the image files")):
             CocoDetection(ann_file, img_dir, train=True, on_bad_image="skip")
     ann_file, img_dir = write_coco([_image(3)], [make_ann(3, 3, 1, [1, 1, 0.2, 9])], name="empty.json")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(DatasetError, match="no usable images left .*filter_empty"):
+        with pytest.raises(DatasetError, match="no usable images: no image has a usable annotation .*filter_empty"):
             CocoDetection(ann_file, img_dir, train=True)
 
 
