@@ -188,6 +188,11 @@ class DataConfig(Section):
         Kept out of :meth:`validate` so that a defaults-only config (and evaluation-only configs)
         stay valid; the trainer calls it before building the data pipeline.
         """
+        if self.source == "coco" and self.train.ann_file is None and self.val.ann_file is not None:
+            raise ConfigError(
+                "data.val.ann_file is set, which selects COCO data, but data.train.ann_file and "
+                "data.train.img_dir are not; set both for training"
+            )
         if self.source == "coco" and self.train.ann_file is None:
             raise ConfigError(
                 "data.source is 'coco' but data.train.ann_file and data.train.img_dir are not set; set both "

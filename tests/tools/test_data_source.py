@@ -69,3 +69,10 @@ def test_reference_gives_val_its_own_text(load_tool, capsys) -> None:
     assert "data.train.augment" in reference and "data.train.filter_empty" in reference
     section = reference[reference.index("data.val  ("):reference.index("data.val.ann_file")]
     assert "validation split" in section and "training" not in section
+
+
+def test_val_paths_alone_ask_for_training_paths(tmp_path: Path) -> None:
+    cfg = load_config(QUICKSTART, [f"data.val.ann_file={tmp_path / 'v.json'}", f"data.val.img_dir={tmp_path}"])
+    assert cfg.data.source == "coco"
+    with pytest.raises(ConfigError, match=r"data.val.ann_file is set, which selects COCO data, but data.train"):
+        cfg.data.validate_for_training()
