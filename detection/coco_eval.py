@@ -36,6 +36,7 @@ from .archs import IOU_TYPES
 from .evaluation import (
     BACKENDS,
     CocoEvaluator,
+    ResultsError,
     evaluate_coco_results,
     load_coco_gt,
     predictions_to_coco_results,
@@ -48,6 +49,7 @@ __all__ = [
     "BACKENDS",
     "IOU_TYPES",
     "CocoEvaluator",
+    "ResultsError",
     "evaluate_coco_results",
     "load_coco_gt",
     "predictions_to_coco_results",

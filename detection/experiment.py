@@ -91,6 +91,9 @@ def data_paths(run: Run) -> dict[str, Path | None]:
             if path is not None and not path.exists():
                 raise FileNotFoundError(f"data.{split}.{field}: {what} not found: {path}")
             out[f"{split}_{key}"] = path
+    for split in ("train", "val"):
+        if out[f"{split}_ann"] is not None:
+            run.log(f"data.{split}: annotations {out[f'{split}_ann']}, images {out[f'{split}_img']}")
     return out
 
 

@@ -10,7 +10,8 @@ Examples::
     python tools/eval_det.py --results preds.json --ann instances_val2017.json --iou-types bbox segm
 
 Writes ``metrics.json`` (flat keys ``bbox/AP``, ``bbox/AP50``, ... in percent, plus per-category AP) and
-``results.json`` into ``--output-dir``. Exit status 0 on success, 2 on bad input.
+``results.json`` into ``--output-dir``. With ``--results`` and no ``--output-dir``, ``metrics.json`` goes to
+``<results folder>/<results stem>_eval/`` (the path is printed). Exit status 0 on success, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ann", metavar="JSON", help="COCO annotation file for --results")
     parser.add_argument("--iou-types", nargs="+", default=None, choices=IOU_TYPES,
                         help="evaluation types for --results (default: bbox, plus segm if the results have masks)")
+    parser.add_argument("--only-result-images", action="store_true",
+                        help="with --results: score only the images the results file names (default: every "
+                        "ground-truth image, images without results counting as missed)")
     parser.add_argument("--optimize", action="store_true",
                         help="evaluate through the fast inference path (detection.optimize_for_inference)")
     parser.add_argument("--precision", choices=_PRECISION_FLAGS, default="fp32",
@@ -71,25 +75,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _score_results(args: argparse.Namespace) -> int:
-    import json
-
-    from detection.coco_eval import evaluate_coco_results, write_metrics
+    from detection.coco_eval import evaluate_coco_results, load_coco_gt, write_metrics
+    from detection.evaluation.checks import (
+        check_result_entries,
+        check_result_ids,
+        load_results,
+        naming_results_file,
+    )
 
     for flag, path in (("--results", args.results), ("--ann", args.ann)):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: file not found: {path}")
+    backend = args.backend or "pycocotools"
+    results = load_results(args.results)
+    gt = load_coco_gt(args.ann, backend)
     iou_types = args.iou_types
     if iou_types is None:
-        with open(args.results, encoding="utf-8") as f:
-            results = json.load(f)
-        iou_types = ["bbox"] + (["segm"] if any("segmentation" in r for r in results[:100]) else [])
-    metrics = evaluate_coco_results(args.ann, args.results, iou_types, backend=args.backend or "pycocotools")
-    out = Path(args.output_dir or ".")
+        iou_types = ["bbox"] + (["segm"] if any(isinstance(r, dict) and "segmentation" in r for r in results[:100]) else [])
+    with naming_results_file(args.results):
+        check_result_entries(results)
+        check_result_ids(gt, results)
+        image_ids = _scored_images(args, gt, results)
+        metrics = evaluate_coco_results(gt, results, iou_types, backend=backend, image_ids=image_ids)
+    out = Path(args.output_dir) if args.output_dir else _default_output_dir(Path(args.results))
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
-    print(f"wrote {out / 'metrics.json'}")
+    where = "" if args.output_dir else " (no --output-dir: a folder next to the results file)"
+    print(f"wrote {out / 'metrics.json'}{where}")
     return 0
 
+
+def _scored_images(args: argparse.Namespace, gt, results: list) -> list[int] | None:
+    """The images to score: all of the ground truth, or with --only-result-images those the results name.
+
+    Warns (one line) when the results cover only some ground-truth images and every image is scored.
+    """
+    import sys
+
+    covered = {r["image_id"] for r in results}
+    total = len(gt.getImgIds())
+    if args.only_result_images:
+        return sorted(covered) if covered else None
+    if len(covered & set(gt.getImgIds())) < total:
+        print(
+            f"warning: {args.results} has results for {len(covered)} of the {total} images in {args.ann}; the "
+            "others are scored as images without detections (pass --only-result-images to score just those "
+            f"{len(covered)})",
+            file=sys.stderr,
+        )
+    return None
+
+
+def _default_output_dir(results: Path) -> Path:
+    """``<folder of the results file>/<its stem>_eval``: next to it, never over a run's own metrics.json."""
+    return results.parent / f"{results.stem}_eval"
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,7 +25,7 @@ from .coco import (
     decode_segmentation,
     read_rgb_image,
 )
-from .loader import build_dataloader
+from .loader import build_dataloader, resolve_num_workers
 from .sampler import AspectRatioBatchSampler, Batch, collate_fn, worker_init_fn
 from .shapes import SHAPE_CATEGORIES, ensure_shapes_dataset, make_shapes_dataset, make_shapes_splits
 from .transforms import DetectionTransform, build_transforms, transform_names
@@ -47,6 +47,7 @@ __all__ = [
     "make_shapes_dataset",
     "make_shapes_splits",
     "read_rgb_image",
+    "resolve_num_workers",
     "transform_names",
     "worker_init_fn",
 ]

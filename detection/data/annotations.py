@@ -21,7 +21,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torchvision.ops import box_convert
 
 from .categories import CategoryMapping
 from .errors import DatasetError
+from .segments import segmentation_problem
 
 __all__ = [
     "ImageRecord",
@@ -45,6 +46,8 @@ _REQUIRED_IMAGE_KEYS = ("id", "file_name", "height", "width")
 _REQUIRED_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 # How many offending ids an error message shows before "...".
 _SHOW_FIRST = 5
+# How many ids a report of dropped annotations lists before the count.
+_LIST_FIRST = 10
 # Boxes narrower or shorter than this (pixels, after clipping to the image) are dropped.
 _MIN_BOX_SIZE = 1.0
 
@@ -142,24 +145,6 @@ def check_entries(path: Path, data: dict[str, Any], with_masks: bool) -> None:
             )
 
 
-def _check_segmentation(path: Path, ann: dict[str, Any], height: int, width: int) -> None:
-    seg = ann["segmentation"]
-    if isinstance(seg, list):
-        if all(isinstance(p, list) for p in seg):
-            return
-    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) == [height, width]:
-            return
-        raise DatasetError(
-            f"{path}: annotation {ann['id']} has an RLE of size {list(seg['size'])} but its image "
-            f"{ann['image_id']} is [{height}, {width}] (height, width)"
-        )
-    raise DatasetError(
-        f"{path}: annotation {ann['id']} has a malformed segmentation {str(seg)[:80]!r}; expected a "
-        "list of polygons [[x0, y0, x1, y1, ...], ...] or an RLE {'size': [h, w], 'counts': ...}"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Per-image records
 # ---------------------------------------------------------------------------------------------------------
@@ -211,13 +196,9 @@ def _image_record(
     boxes: np.ndarray,
     box_areas: list[float],
     categories: CategoryMapping,
-    with_masks: bool,
 ) -> ImageRecord:
     """The record of one image from its kept annotations, their clipped xyxy ``boxes`` and box areas."""
     height, width = int(img["height"]), int(img["width"])
-    if with_masks:
-        for ann in anns:
-            _check_segmentation(path, ann, height, width)
     return ImageRecord(
         image_id=int(img["id"]),
         file_name=str(img["file_name"]),
@@ -240,11 +221,15 @@ def build_records(
     train: bool,
     filter_empty: bool,
     with_masks: bool,
-) -> tuple[list[ImageRecord], str]:
-    """Records of every image sorted by id, and a one-line report of the dropped boxes ("" if none).
+    on_bad_annotation: Literal["error", "skip"] = "error",
+) -> tuple[list[ImageRecord], list[str]]:
+    """Records of every image sorted by id, and one-line reports of the dropped annotations (by id).
 
     ``train`` drops crowd annotations and, with ``filter_empty``, images left without annotations. Boxes
-    narrower or shorter than 1 px after clipping are dropped with their annotation.
+    narrower or shorter than 1 px after clipping are dropped with their annotation. With ``with_masks``
+    every kept segmentation is checked (:func:`~detection.data.segments.segmentation_problem`): an invalid
+    one raises ``DatasetError`` naming the file, annotation and image, or under
+    ``on_bad_annotation="skip"`` is dropped with its annotation and reported.
     """
     anns_by_image: dict[int, list[dict[str, Any]]] = {img["id"]: [] for img in data["images"]}
     for ann in data["annotations"]:
@@ -256,29 +241,65 @@ def build_records(
     boxes = _clipped_xyxy(path, flat, sizes)
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     keep = (widths >= _MIN_BOX_SIZE) & (heights >= _MIN_BOX_SIZE)
+    small = [ann["id"] for ann, k in zip(flat, keep) if not k]
+    bad_masks = _bad_segmentations(path, flat, sizes, keep, on_bad_annotation) if with_masks else {}
+    for i, ann in enumerate(flat):
+        keep[i] &= ann["id"] not in bad_masks
     areas, boxes = widths * heights, boxes.astype(np.float32)
     records = []
-    start, images_touched = 0, 0
+    start = 0
     for img in images:
         anns = anns_by_image[img["id"]]
         kept = np.flatnonzero(keep[start : start + len(anns)])
-        images_touched += len(kept) < len(anns)
         rows = start + kept
         kept_anns = [anns[i] for i in kept]
-        record = _image_record(
-            path, img, kept_anns, boxes[rows], areas[rows].tolist(), categories, with_masks
-        )
+        record = _image_record(path, img, kept_anns, boxes[rows], areas[rows].tolist(), categories)
         start += len(anns)
         if not (train and filter_empty and len(record.boxes) == 0):
             records.append(record)
-    report = ""
-    n_dropped = int(len(keep) - keep.sum())
-    if n_dropped:
-        report = (
-            f"{path}: dropped {n_dropped} annotation(s) in {images_touched} image(s) whose box is "
-            f"narrower or shorter than {_MIN_BOX_SIZE:g} px after clipping to the image"
+    reports = []
+    if small:
+        reports.append(
+            f"{path}: dropped {len(small)} annotation(s) whose box is narrower or shorter than "
+            f"{_MIN_BOX_SIZE:g} px after clipping to the image: ids {listed(small)}"
         )
-    return records, report
+    if bad_masks:
+        reports.append(
+            f"{path}: skipped {len(bad_masks)} annotation(s) with an invalid segmentation "
+            f"(data.on_bad_annotation: skip): ids {listed(list(bad_masks))}; first: annotation "
+            f"{next(iter(bad_masks))} {next(iter(bad_masks.values()))}"
+        )
+    return records, reports
+
+
+def listed(ids: Sequence[Any], first: int = _LIST_FIRST) -> str:
+    """``"1, 2, 3"``, or the first ``first`` ids and ``"... (N in all)"``."""
+    shown = ", ".join(str(i) for i in ids[:first])
+    return shown if len(ids) <= first else f"{shown}, ... ({len(ids)} in all)"
+
+
+def _bad_segmentations(
+    path: Path,
+    anns: Sequence[dict[str, Any]],
+    sizes: Sequence[tuple[int, int]],
+    keep: np.ndarray,
+    on_bad_annotation: str,
+) -> dict[int, str]:
+    """Annotation id -> problem for the kept annotations whose segmentation is invalid; raises under "error"."""
+    bad: dict[int, str] = {}
+    for ann, (height, width), kept in zip(anns, sizes, keep):
+        if not kept:
+            continue
+        problem = segmentation_problem(ann["segmentation"], height, width)
+        if problem is None:
+            continue
+        if on_bad_annotation == "error":
+            raise DatasetError(
+                f"{path}: annotation {ann['id']} (image {ann['image_id']}) {problem}; fix it, or set "
+                "data.on_bad_annotation: skip to drop such annotations"
+            )
+        bad[ann["id"]] = problem
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------------------

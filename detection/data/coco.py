@@ -39,11 +39,13 @@ from .annotations import (
     build_records,
     check_entries,
     decode_segmentation,
+    listed,
     load_annotation_file,
     make_coco,
 )
 from .categories import CategoryMapping
 from .errors import DatasetError
+from .files import locate_images
 from .images import BadImage, read_dataset_image, read_rgb_image
 
 __all__ = [
@@ -91,11 +93,20 @@ class CocoDetection(torch.utils.data.Dataset):
             degenerate ones, or none). ``False`` keeps them as negatives with empty targets. Ignored (all
             images kept) when ``train=False``.
         with_masks: decode instance masks into ``target["masks"]`` (Mask R-CNN); ``False`` for Faster R-CNN.
-        on_bad_image: ``"error"`` raises on a missing or corrupt image, naming it and the annotation file.
-            ``"skip"`` warns once per file (per process) and returns a :class:`SkippedImage` marker that
-            ``collate_fn`` drops and counts in ``Batch.skipped``.
+        on_bad_image: every image file's existence is checked when the dataset is built (one folder listing):
+            ``"error"`` raises ``DatasetError`` listing the missing files, ``"skip"`` leaves their images out
+            with one warning. A file that exists but cannot be decoded is met when loaded: ``"error"``
+            raises naming it and the annotation file, ``"skip"`` warns once per file (per process) and
+            returns a :class:`SkippedImage` marker that ``collate_fn`` drops and counts in ``Batch.skipped``.
+            A dataset left with no image raises ``DatasetError``.
         category_mapping: force this label mapping (give val the training set's mapping); the file's
             categories must be identical, else ``DatasetError`` lists the difference.
+        on_bad_annotation: ``"error"`` (default) raises ``DatasetError`` for an invalid segmentation (an RLE
+            whose counts do not decode or do not sum to H×W, a polygon with fewer than 3 points, an odd
+            length or a non-finite coordinate), naming the file, annotation and image; ``"skip"`` drops such
+            annotations and lists them in one warning. Checked only with ``with_masks``.
+        allow_paths_outside_img_dir: accept ``file_name`` values that resolve outside ``img_dir``
+            (``../x.jpg``, absolute paths); by default they are refused.
 
     Attributes:
         coco: the ``pycocotools.coco.COCO`` ground truth built from the file (not modified).
@@ -122,9 +133,12 @@ class CocoDetection(torch.utils.data.Dataset):
         with_masks: bool = True,
         on_bad_image: Literal["error", "skip"] = "error",
         category_mapping: CategoryMapping | None = None,
+        on_bad_annotation: Literal["error", "skip"] = "error",
+        allow_paths_outside_img_dir: bool = False,
     ) -> None:
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        for name, value in (("on_bad_image", on_bad_image), ("on_bad_annotation", on_bad_annotation)):
+            if value not in ("error", "skip"):
+                raise ValueError(f"{name} must be 'error' or 'skip', got {value!r}")
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.train = train
@@ -141,19 +155,52 @@ class CocoDetection(torch.utils.data.Dataset):
         check_entries(self.ann_file, data, with_masks)
         self.categories: CategoryMapping = self._category_mapping(data, category_mapping)
         self.coco = make_coco(data)
-        self._records, dropped_report = build_records(
+        self._records, dropped_reports = build_records(
             self.ann_file,
             data,
             self.categories,
             train=train,
             filter_empty=filter_empty,
             with_masks=with_masks,
+            on_bad_annotation=on_bad_annotation,
         )
+        if not self._records:
+            raise DatasetError(f"{self.ann_file}: no usable images{_why_empty(train, filter_empty)}")
+        self._records = self._with_image_files(self._records, allow_paths_outside_img_dir, dropped_reports)
+        if not self._records:
+            raise DatasetError(
+                f"{self.ann_file}: no usable images: none of the image files is in {self.img_dir} "
+                "(data.on_bad_image: skip left every one out)"
+            )
         self.ids: list[int] = [r.image_id for r in self._records]
         # Paths already reported by this process under on_bad_image="skip".
         self._warned_bad_images: set[str] = set()
-        if dropped_report:
-            warnings.warn(dropped_report, UserWarning, stacklevel=2)
+        for report in dropped_reports:
+            warnings.warn(report, UserWarning, stacklevel=2)
+
+    def _with_image_files(
+        self, records: list[ImageRecord], allow_outside: bool, reports: list[str]
+    ) -> list[ImageRecord]:
+        """``records`` whose image file exists (all of them, or ``DatasetError``, under on_bad_image="error")."""
+        found = locate_images(self.img_dir, [r.file_name for r in records], allow_outside=allow_outside)
+        if found.outside:
+            first = records[found.outside[0]]
+            raise DatasetError(
+                f"{self.ann_file}: {len(found.outside)} image file_name(s) resolve outside the image folder "
+                f"{self.img_dir}, first: image {first.image_id} {first.file_name!r}; fix them, or set "
+                "data.allow_paths_outside_img_dir: true if that is intended"
+            )
+        if not found.missing:
+            return records
+        names = listed([records[i].file_name for i in found.missing])
+        what = f"{len(found.missing)} of {len(records)} image file(s) not found in {self.img_dir}: {names}"
+        if self.on_bad_image == "error":
+            raise DatasetError(
+                f"{self.ann_file}: {what}; fix the paths, or set data.on_bad_image: skip to leave them out"
+            )
+        reports.append(f"{self.ann_file}: skipping {what} (data.on_bad_image: skip)")
+        gone = set(found.missing)
+        return [r for i, r in enumerate(records) if i not in gone]
 
     def _category_mapping(self, data: dict[str, Any], forced: CategoryMapping | None) -> CategoryMapping:
         file_mapping = CategoryMapping(data["categories"])
@@ -231,6 +278,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def _masks(self, record: ImageRecord) -> np.ndarray:
         names = [f"{self.ann_file}: annotation {i} (image {record.image_id})" for i in record.ann_ids]
         return decode_segmentation(record.segmentations, record.height, record.width, names=names)
+
+
+def _why_empty(train: bool, filter_empty: bool) -> str:
+    if train and filter_empty:
+        return ": no image has a usable annotation (images without one are dropped for training: filter_empty)"
+    return ": the file lists no image"
 
 
 def _to_tensors(image: np.ndarray, target: NumpyTarget) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -21,14 +21,45 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import warnings
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
 from .sampler import AspectRatioBatchSampler, _mix_seed, collate_fn, worker_init_fn
 
-__all__ = ["build_dataloader"]
+__all__ = ["AUTO_MAX_WORKERS", "build_dataloader", "resolve_num_workers"]
+
+#: The most worker processes ``num_workers="auto"`` starts.
+AUTO_MAX_WORKERS = 4
+
+
+def _usable_cpus() -> int:
+    # The count torch's DataLoader compares num_workers with (it warns above it): the CPUs this process may use.
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def resolve_num_workers(num_workers: int | Literal["auto"]) -> int:
+    """Worker processes to start: ``"auto"`` is ``min(AUTO_MAX_WORKERS, usable CPUs)``; a number above the
+    usable CPUs is lowered to them with one warning (torch would warn once per worker otherwise)."""
+    cpus = _usable_cpus()
+    if num_workers == "auto":
+        return min(AUTO_MAX_WORKERS, cpus)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
+    if num_workers > cpus:
+        warnings.warn(
+            f"num_workers={num_workers} but this process may use {cpus} CPU(s): starting {cpus} worker(s) "
+            "(set data.num_workers: auto to choose it)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return cpus
+    return num_workers
 
 
 def build_dataloader(
@@ -36,7 +67,7 @@ def build_dataloader(
     *,
     batch_size: int,
     train: bool,
-    num_workers: int = 2,
+    num_workers: int | Literal["auto"] = "auto",
     seed: int = 0,
     num_replicas: int = 1,
     rank: int = 0,
@@ -54,7 +85,8 @@ def build_dataloader(
             (``CocoDetection``); without ``image_sizes``, set ``aspect_ratio_grouping=False``.
         batch_size: images per batch and per rank.
         train: training (shuffle, pad shards) or evaluation (sequential, no padding).
-        num_workers: worker processes; 0 loads in the main process.
+        num_workers: worker processes, or ``"auto"`` (see :func:`resolve_num_workers`); 0 loads in the
+            main process.
         seed: base seed for shuffling and augmentation.
         num_replicas: distributed world size.
         rank: this process's rank.
@@ -62,8 +94,7 @@ def build_dataloader(
         drop_last: drop the last incomplete batch (training only; evaluation keeps every image).
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
     """
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    num_workers = resolve_num_workers(num_workers)
     sampler = AspectRatioBatchSampler(
         _image_sizes(dataset, aspect_ratio_grouping),
         batch_size,

@@ -7,6 +7,7 @@
 - :mod:`.checks`, :mod:`.tables`: argument checks and log tables.
 """
 
+from .checks import ResultsError
 from .cocoeval import BACKENDS, evaluate_coco_results, load_coco_gt, run_cocoeval
 from .evaluator import CocoEvaluator
 from .results import predictions_to_coco_results
@@ -15,6 +16,7 @@ from .writing import write_metrics, write_results
 __all__ = [
     "BACKENDS",
     "CocoEvaluator",
+    "ResultsError",
     "evaluate_coco_results",
     "load_coco_gt",
     "predictions_to_coco_results",

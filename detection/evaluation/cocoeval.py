@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ..archs import EVAL_BACKENDS, IOU_TYPES
-from ..data.annotations import make_coco
+from ..data.annotations import load_annotation_file, make_coco
 from .checks import (
     check_gt_keypoints,
     check_iou_types,
+    check_result_entries,
     check_result_fields,
     check_result_ids,
     first_ids,
     load_results,
+    naming_results_file,
     to_index,
 )
 from .tables import STAT_NAMES, format_category_table, format_summary_table
@@ -38,9 +40,6 @@ __all__ = [
     "load_coco_gt",
     "run_cocoeval",
 ]
-
-
-
 
 IouType = Literal[IOU_TYPES]  # type: ignore[valid-type]
 
@@ -83,6 +82,7 @@ def load_coco_gt(source: Any, backend: Backend = "pycocotools") -> Any:
 
     Raises:
         FileNotFoundError: ``source`` is a path that does not exist.
+        DatasetError: the file is not JSON (naming line and column) or lacks the COCO top-level lists.
         TypeError: ``source`` is none of the accepted kinds.
     """
     coco_cls, _ = backend_api(backend)
@@ -92,7 +92,7 @@ def load_coco_gt(source: Any, backend: Backend = "pycocotools") -> Any:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {path}")
-        return make_coco(path, coco_cls)
+        return make_coco(load_annotation_file(path), coco_cls)
     dataset = getattr(source, "dataset", source)
     if not isinstance(dataset, Mapping):
         raise TypeError(
@@ -205,17 +205,6 @@ def _per_category_ap(coco_eval: Any, cat_ids: Sequence[int]) -> dict[int, float]
     return out
 
 
-def _categories_with_gt(coco_gt: Any, iou_type: str, image_ids: set[int] | None) -> set[int]:
-    cats = set()
-    for ann in coco_gt.dataset.get("annotations", []):
-        if ann.get("iscrowd", 0) or (image_ids is not None and ann["image_id"] not in image_ids):
-            continue
-        if iou_type == "keypoints" and not ann.get("num_keypoints", 0):
-            continue
-        cats.add(ann["category_id"])
-    return cats
-
-
 def evaluate_coco_results(
     coco_gt: COCO | str | Path,
     results: list[dict] | str | Path,
@@ -249,17 +238,23 @@ def evaluate_coco_results(
         A flat dict: ``{t}/AP``, ``{t}/AP50``, ``{t}/AP75``, ``{t}/APs``, ``{t}/APm``, ``{t}/APl`` for ``t``
         in ``bbox``/``segm`` (keypoints: no ``APs``), then ``{t}/AP-{category name}`` per GT category, all
         in percent (0..100). Cells without ground truth (COCOeval's -1) are NaN. With no results for an iou
-        type, its AP values are 0.0 (NaN for categories without ground truth) and a warning says so.
+        type, its AP values are NaN (as detectron2 reports them) and one warning says so.
 
     Raises:
-        ValueError: results refer to image or category ids not in the ground truth, lack the field an
-            iou type needs (e.g. ``segmentation`` for ``"segm"``), or the arguments are invalid.
+        ResultsError: (a ``ValueError``) the results file is not JSON, or the results refer to image or
+            category ids not in the ground truth, have a missing, mistyped or non-finite field, or lack
+            the field an iou type needs (e.g. ``segmentation`` for ``"segm"``); it names the file and the
+            first bad entry.
+        ValueError: the arguments are invalid.
         FileNotFoundError: a given path does not exist.
     """
     iou_types = check_iou_types(iou_types)
     gt = load_coco_gt(coco_gt, backend)
+    source = os.fspath(results) if isinstance(results, (str, os.PathLike)) else None
     results = load_results(results)
-    check_result_ids(gt, results)
+    with naming_results_file(source):
+        check_result_entries(results)
+        check_result_ids(gt, results)
     names = _category_names(gt, class_names)
     selected = _selected_images(gt, image_ids)
     if selected is not None:
@@ -267,12 +262,14 @@ def evaluate_coco_results(
     if not results:
         where = " for the selected images" if selected is not None else ""
         message = f"No predictions were made: there are no COCO results{where}"
+        # detectron2's COCOEvaluator reports NaN when nothing was predicted: 0.0 would read as a score.
         warnings.warn(
-            f"{message}; all AP values of {list(iou_types)} are reported as 0.0", UserWarning, stacklevel=2
+            f"{message}; all AP values of {list(iou_types)} are reported as nan", UserWarning, stacklevel=2
         )
     metrics: dict[str, float] = {}
     for iou_type in iou_types:
-        values, per_cat_ap = _evaluate_iou_type(gt, results, iou_type, backend, selected, log)
+        with naming_results_file(source):
+            values, per_cat_ap = _evaluate_iou_type(gt, results, iou_type, backend, selected, log)
         keys = _per_category_keys(list(per_cat_ap), names, iou_type)
         per_cat = {keys[cid]: ap for cid, ap in per_cat_ap.items()}
         metrics.update(values)
@@ -316,11 +313,9 @@ def _evaluate_iou_type(
     eval_ids = sorted(selected) if selected is not None else None
     outcome = run_cocoeval(gt, results, iou_type, backend=backend, image_ids=eval_ids)
     seconds = time.perf_counter() - tic
-    if outcome is None:
-        log(f"No predictions for {iou_type}: reporting AP 0.0")
-        with_gt = _categories_with_gt(gt, iou_type, selected)
-        values = {f"{iou_type}/{n}": 0.0 for n in STAT_NAMES[iou_type]}
-        return values, {cid: 0.0 if cid in with_gt else float("nan") for cid in cat_ids}
+    if outcome is None:  # no results: evaluate_coco_results has warned once
+        values = {f"{iou_type}/{n}": float("nan") for n in STAT_NAMES[iou_type]}
+        return values, {cid: float("nan") for cid in cat_ids}
     coco_eval, summary = outcome
     log(
         f"Evaluating {iou_type} with {backend}: {len(results)} results on {len(coco_eval.params.imgIds)} images"

@@ -223,7 +223,7 @@ def test_degenerate_boxes_dropped_and_reported_once(write_coco, make_ann):
     ]
     ann_file, img_dir = write_coco(images, anns)
     with pytest.warns(
-        UserWarning, match=re.escape("dropped 2 annotation(s) in 2 image(s) whose box is narrower")
+        UserWarning, match=re.escape("dropped 2 annotation(s) whose box is narrower or shorter than 1 px after clipping to the image: ids 1, 3")
     ):
         ds = CocoDetection(ann_file, img_dir, train=True)
     with warnings.catch_warnings():
@@ -467,7 +467,7 @@ def test_malformed_segmentations(write_coco, make_ann):
     with pytest.raises(
         DatasetError,
         match=re.escape(
-            "annotation 4 has an RLE of size [10, 10] but its image 1 is [30, 40] (height, width)"
+            "annotation 4 (image 1) has an RLE of size [10, 10] but its image is [30, 40] (height, width)"
         ),
     ):
         CocoDetection(ann_file, img_dir, train=True)
@@ -475,7 +475,7 @@ def test_malformed_segmentations(write_coco, make_ann):
         _one_image(), [make_ann(5, 1, 1, [1, 1, 5, 5], segmentation={"polygon": []})]
     )
     with pytest.raises(
-        DatasetError, match=re.escape("annotation 5 has a malformed segmentation \"{'polygon': []}\"")
+        DatasetError, match=re.escape("annotation 5 (image 1) has a malformed segmentation \"{'polygon': []}\"")
     ):
         CocoDetection(ann_file, img_dir, train=True)
     # the same files load without masks
@@ -508,12 +508,14 @@ def bad_image_set(write_coco, make_ann):
 
 def test_bad_images_raise_with_both_paths(bad_image_set):
     ann_file, img_dir = bad_image_set
-    ds = CocoDetection(ann_file, img_dir, train=True)
+    # a missing file is found when the dataset is built, not when its batch comes
     with pytest.raises(
-        FileNotFoundError,
-        match=re.escape(f"image file not found: {img_dir / '2.png'} (listed in {ann_file})"),
+        DatasetError,
+        match=re.escape(f"{ann_file}: 1 of 4 image file(s) not found in {img_dir}: 2.png; fix the paths"),
     ):
-        ds[1]
+        CocoDetection(ann_file, img_dir, train=True)
+    (img_dir / "2.png").write_bytes((img_dir / "1.png").read_bytes())
+    ds = CocoDetection(ann_file, img_dir, train=True)
     with pytest.raises(
         DatasetError, match=re.escape(f"cannot read image {img_dir / '3.png'} (listed in {ann_file}): ")
     ):
@@ -522,30 +524,29 @@ def test_bad_images_raise_with_both_paths(bad_image_set):
 
 def test_bad_images_skipped_with_one_warning_per_file(bad_image_set):
     ann_file, img_dir = bad_image_set
-    ds = CocoDetection(ann_file, img_dir, train=True, on_bad_image="skip")
+    with pytest.warns(UserWarning, match=re.escape(f"skipping 1 of 4 image file(s) not found in {img_dir}: 2.png")):
+        ds = CocoDetection(ann_file, img_dir, train=True, on_bad_image="skip")
+    assert ds.ids == [1, 3, 4]
     with pytest.warns(UserWarning) as record:
-        first = [ds[i] for i in range(4)]
-        second = [ds[i] for i in range(4)]
+        first = [ds[i] for i in range(3)]
+        second = [ds[i] for i in range(3)]
     messages = [str(r.message) for r in record if "skipping unreadable image" in str(r.message)]
-    assert len(messages) == 2
-    assert messages[0].startswith(
-        f"skipping unreadable image {img_dir / '2.png'} (listed in {ann_file}): file not found"
-    )
-    assert messages[1].startswith(f"skipping unreadable image {img_dir / '3.png'} (listed in {ann_file})")
+    assert len(messages) == 1
+    assert messages[0].startswith(f"skipping unreadable image {img_dir / '3.png'} (listed in {ann_file})")
     for items in (first, second):
-        assert isinstance(items[1], SkippedImage) and isinstance(items[2], SkippedImage)
+        assert isinstance(items[1], SkippedImage)
         assert isinstance(items[0], tuple) and not isinstance(items[0], SkippedImage)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_skipped_images_reach_the_loop(bad_image_set, num_workers):
     ann_file, img_dir = bad_image_set
-    ds = CocoDetection(ann_file, img_dir, train=True, on_bad_image="skip")
-    loader = build_dataloader(
-        ds, batch_size=3, train=True, num_workers=num_workers, aspect_ratio_grouping=False
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        ds = CocoDetection(ann_file, img_dir, train=True, on_bad_image="skip")
+        loader = build_dataloader(
+            ds, batch_size=3, train=True, num_workers=num_workers, aspect_ratio_grouping=False
+        )
         for epoch in range(2):
             loader.batch_sampler.set_epoch(epoch)
             skipped, loaded = [], 0
@@ -553,7 +554,7 @@ def test_skipped_images_reach_the_loop(bad_image_set, num_workers):
                 assert len(images) == len(targets)
                 skipped.extend(batch_skipped)
                 loaded += len(images)
-            assert sorted(skipped) == [str(img_dir / "2.png"), str(img_dir / "3.png")]
+            assert sorted(skipped) == [str(img_dir / "3.png")]
             assert loaded == 2
 
 
