@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from .archs import arch_spec
 from .config import ConfigError, ExperimentConfig, dump_config
 
 __all__ = ["Run", "TrainBatches", "build_datasets", "data_paths", "select_device", "train_loader"]
@@ -120,20 +121,20 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
     from .data import CocoDetection, build_transforms
 
     cfg = run.cfg
+    checks = dict(on_bad_image=cfg.data.on_bad_image, on_bad_annotation=cfg.data.on_bad_annotation,
+                  allow_paths_outside_img_dir=cfg.data.allow_paths_outside_img_dir)
     train_set = None
     if train:
         augment = cfg.data.train.augment
         train_set = CocoDetection(paths["train_ann"], paths["train_img"], train=True,
                                   transforms=build_transforms(augment, train=True) if augment else None,
-                                  filter_empty=cfg.data.train.filter_empty, with_masks=cfg.model.arch.startswith("mask_rcnn"),
-                                  on_bad_image=cfg.data.on_bad_image, category_mapping=categories)
+                                  filter_empty=cfg.data.train.filter_empty, with_masks=arch_spec(cfg.model.arch).masks,
+                                  category_mapping=categories, **checks)
         categories = train_set.categories
-        if len(train_set) == 0:
-            raise ValueError(f"{paths['train_ann']}: no training images left after filtering images without annotations")
     val_set = None
     if paths.get("val_ann") is not None:
         val_set = CocoDetection(paths["val_ann"], paths["val_img"], train=False, with_masks=False,
-                                on_bad_image=cfg.data.on_bad_image, category_mapping=categories)
+                                category_mapping=categories, **checks)
     return train_set, val_set
 
 

@@ -120,8 +120,8 @@ def _load(args: argparse.Namespace) -> Any:
 def _infer(args: argparse.Namespace) -> int:
     from detection.data import DatasetError
 
+    run = _load(args)  # first: a config mistake is reported before any image is looked at
     files = _image_ids(_input_files(Path(args.input)), args.ann)
-    run = _load(args)
     out_dir = Path(args.output_dir or Path(run.config.output_dir) / "infer")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []

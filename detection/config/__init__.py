@@ -20,7 +20,7 @@ was expected and what was received.
 """
 
 from .convert import from_dict
-from .data import DataConfig, DatasetConfig, ShapesConfig
+from .data import DataConfig, DatasetConfig, ShapesConfig, TrainDatasetConfig
 from .errors import ConfigError, ConfigFileNotFoundError, FieldError
 from .head import HeadConfig
 from .loader import load_config, load_config_with_origins, parse_overrides
@@ -41,6 +41,7 @@ __all__ = [
     "ConfigFileNotFoundError",
     "DataConfig",
     "DatasetConfig",
+    "TrainDatasetConfig",
     "EvalConfig",
     "ExperimentConfig",
     "FieldError",

@@ -1,4 +1,4 @@
-"""``data.<split>.augment`` checked at load time against the transform table of :mod:`detection.data.transforms`.
+"""``data.train.augment`` checked at load time against the transform table of :mod:`detection.data.transforms`.
 
 The schema holds augmentations as plain mappings; their names, parameters and values are declared by
 the transforms themselves. :func:`check_augment` builds each entry with
@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .data import DatasetConfig
 from .errors import FieldError
 
 __all__ = ["check_augment", "closest_name"]
@@ -59,21 +58,20 @@ def _check_name(key: str, spec: Any) -> None:
 
 
 def check_augment(cfg: Any) -> None:
-    """Build every ``data.<split>.augment`` entry of ``cfg`` once; raise :class:`FieldError` for the first bad one.
+    """Build every ``data.train.augment`` entry of ``cfg`` once; raise :class:`FieldError` for the first bad one.
 
     The error's ``field`` is the full dotted key (``data.train.augment[0]``) and its ``problem`` what
     the transform table says: an unknown name with the closest known one, an unknown or missing
     parameter with the accepted ones, or a value the transform refuses.
     """
-    splits = [(name, value) for name, value in vars(cfg.data).items() if isinstance(value, DatasetConfig)]
-    if not any(split.augment for _, split in splits):
+    augment = cfg.data.train.augment  # only the training split augments
+    if not augment:
         return
     from ..data.transforms import build_transforms
 
-    for name, split in splits:
-        for i, spec in enumerate(split.augment):
-            _check_name(f"data.{name}.augment[{i}]", spec)
-            try:
-                build_transforms([spec], train=True)
-            except (ValueError, TypeError) as exc:
-                raise FieldError(f"data.{name}.augment[{i}]", f"is invalid: {_problem(exc)}") from exc
+    for i, spec in enumerate(augment):
+        _check_name(f"data.train.augment[{i}]", spec)
+        try:
+            build_transforms([spec], train=True)
+        except (ValueError, TypeError) as exc:
+            raise FieldError(f"data.train.augment[{i}]", f"is invalid: {_problem(exc)}") from exc

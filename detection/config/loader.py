@@ -20,6 +20,7 @@ import yaml
 
 from .augment import check_augment
 from .convert import from_dict, located_error
+from .data import check_source_conflict
 from .errors import ConfigError, ConfigFileNotFoundError, FieldError
 from .fields import is_under, join, type_name
 from .schema import ExperimentConfig
@@ -243,6 +244,8 @@ def load_config_with_origins(
         source = os.fspath(path)
         merged, origins = _resolve_file(Path(os.path.expanduser(source)), source, [])
     _apply_overrides(merged, origins, overrides)
+    if cls is ExperimentConfig:
+        check_source_conflict(merged, origins)
     if overrides and path is None:
         source = OVERRIDE_SOURCE
     cfg = from_dict(cls, merged, source=source, origins=origins)

@@ -4,7 +4,7 @@
 
     ExperimentConfig
       model: ModelConfig        (model.backbone: backbone.BackboneConfig, model.head: HeadConfig)
-      data:  DataConfig         (data.train / data.val: DatasetConfig, data.shapes: ShapesConfig)
+      data:  DataConfig         (data.train: TrainDatasetConfig, data.val: DatasetConfig, data.shapes: ShapesConfig)
       train: TrainConfig        (train.optimizer, train.schedule, train.amp)
       eval:  EvalConfig
       output_dir: str

@@ -125,6 +125,12 @@ def check_entries(path: Path, data: dict[str, Any], with_masks: bool) -> None:
                     f"{path}: {key} entry {ident} is missing key(s) {missing}; each entry of '{key}' needs "
                     f"{list(required)}"
                 )
+    for img in data["images"]:
+        bad = [k for k in ("height", "width") if isinstance(img[k], bool) or not isinstance(img[k], int) or img[k] < 1]
+        if bad:
+            raise DatasetError(
+                f"{path}: image {img['id']} has {bad[0]} {img[bad[0]]!r}; expected a positive integer (pixels)"
+            )
     for key in ("images", "annotations"):
         ids = [entry["id"] for entry in data[key]]
         if len(set(ids)) != len(ids):
