@@ -69,12 +69,12 @@ def test_aspect_ratios_fail_at_load(override, expected):
 def test_augment_is_checked_against_the_transform_table_naming_the_file(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(
-        f"base: {TINY}\ndata:\n  val:\n    augment: [{{name: scale_jitter, size: 64}}, {{name: vflip}}]\n"
+        f"base: {TINY}\ndata:\n  train:\n    augment: [{{name: scale_jitter, size: 64}}, {{name: vflip}}]\n"
     )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value).startswith(
-        f"{path}: data.val.augment[1].name is 'vflip', not a known transform (did you mean 'vertical_flip'?)"
+        f"{path}: data.train.augment[1].name is 'vflip', not a known transform (did you mean 'vertical_flip'?)"
     )
     with pytest.raises(ConfigError, match=r"data.train.augment\[0\] is invalid: 'scale_jitter': missing required"):
         load_config(TINY, ["data.train.augment=[{name: scale_jitter}]"])
