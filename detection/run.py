@@ -50,6 +50,7 @@ class LoadedRun:
         label_to_cat_id: contiguous label -> COCO category id of the training annotations.
         checkpoint: the file the weights came from.
         device: where the model runs.
+        categories: the category mapping the checkpoint stores (``None`` for a plain state dict).
     """
 
     model: nn.Module
@@ -58,6 +59,7 @@ class LoadedRun:
     label_to_cat_id: Callable[[int], int]
     checkpoint: Path
     device: torch.device
+    categories: Any = None
 
     def predict(
         self, images: ImageInput | Sequence[ImageInput], *, score_threshold: float | None = None, batch_size: int = 1
@@ -157,7 +159,7 @@ def load_run(
 
     target = torch.device(device) if device is not None else select_device(cfg.train.device)
     model = load_weights(build_model(cfg, num_classes), state_dict).eval().to(target)
-    return LoadedRun(model, cfg, names, to_cat_id, checkpoint, target)
+    return LoadedRun(model, cfg, names, to_cat_id, checkpoint, target, mapping)
 
 
 def _locate(path: Path) -> tuple[Path, Path | None]:

@@ -309,8 +309,8 @@ def evaluation_dir(weights: Path, output_dir: str | os.PathLike[str] | None) -> 
 
 
 def _evaluate_only(run: Run, weights: Path, optimize: str | None = None) -> dict[str, float]:
-    from .data import CategoryMapping
-    from .weights import load_weights, num_classes_in_state_dict, read_detector_checkpoint
+    from .run import load_run
+    from .weights import num_classes_in_state_dict
 
     cfg = run.cfg
     if not weights.is_file():
@@ -318,20 +318,17 @@ def _evaluate_only(run: Run, weights: Path, optimize: str | None = None) -> dict
     paths = data_paths(run)
     if paths.get("val_ann") is None:
         raise ConfigError("evaluation needs data.val.ann_file and data.val.img_dir (or data.source: shapes)")
-    state_dict, saved = read_detector_checkpoint(weights)
-    stored = CategoryMapping.from_state_dict(saved["categories"]) if saved.get("categories") else None
-    _, val_set = build_datasets(run, paths, train=False, categories=stored)
+    loaded = load_run(weights, config=cfg, device=run.device, log=lambda line: None)
+    _, val_set = build_datasets(run, paths, train=False, categories=loaded.categories)
     categories = val_set.categories
-    num_classes = cfg.model.num_classes or num_classes_in_state_dict(state_dict) or categories.num_classes
+    num_classes = num_classes_in_state_dict(loaded.model.state_dict()) or categories.num_classes
     label_to_cat: Any = categories.to_cat_id
-    if stored is None and num_classes == max(c["id"] for c in val_set.coco.dataset["categories"]) + 1 \
+    if loaded.categories is None and num_classes == max(c["id"] for c in val_set.coco.dataset["categories"]) + 1 \
             and num_classes != categories.num_classes:
         run.log(f"{weights} stores no category mapping and has {num_classes} classes = max category id + 1: "
                 "treating predicted labels as COCO category ids (torchvision's COCO models)")
         label_to_cat = {i: i for i in range(1, num_classes)}
-    model = build_model(cfg, num_classes)
-    load_weights(model, state_dict)
-    model.to(run.device)
+    model = loaded.model
     run.log(f"loaded {weights}")
     if optimize is not None:
         from .inference import optimize_for_inference
