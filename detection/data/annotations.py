@@ -83,17 +83,22 @@ def make_coco(source: Mapping[str, Any] | str | os.PathLike[str], coco_cls: type
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_annotation_file(path: Path) -> dict[str, Any]:
-    """Read a COCO instances JSON; ``DatasetError`` naming the file for bad JSON or missing top-level lists."""
+def read_json(path: Path, what: str, error: type[Exception] = DatasetError) -> Any:
+    """The parsed JSON of ``path``; a missing file, bad JSON or non-UTF-8 text is one ``error`` line naming it."""
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         with path.open("r", encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        raise error(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: not a UTF-8 text file ({e})") from e
+        raise error(f"{path}: not a UTF-8 text file ({e.reason})") from None
+
+
+def load_annotation_file(path: Path) -> dict[str, Any]:
+    """Read a COCO instances JSON; ``DatasetError`` naming the file for bad JSON or missing top-level lists."""
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise DatasetError(
             f"{path}: expected a JSON object with keys {list(_REQUIRED_TOP_LEVEL_KEYS)}, "

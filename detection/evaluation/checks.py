@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import numbers
 import operator
@@ -15,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from ..archs import IOU_TYPES
+from ..data.annotations import read_json
 from ..data.errors import DatasetError
 
 __all__ = [
@@ -77,15 +77,7 @@ def load_results(results: list[dict] | str | os.PathLike) -> list[dict]:
     line and column of bad JSON, or says what the top level holds instead of a list."""
     if isinstance(results, (str, os.PathLike)):
         path = Path(results)
-        if not path.is_file():
-            raise FileNotFoundError(f"COCO results file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ResultsError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise ResultsError(f"{path}: not a UTF-8 text file ({e.reason})") from None
+        loaded = read_json(path, "COCO results file", ResultsError)
         if not isinstance(loaded, list):
             raise ResultsError(
                 f"{path}: a COCO results file holds a JSON list of result dicts "
