@@ -32,28 +32,8 @@ Example::
 
 from __future__ import annotations
 
+from . import evaluation
 from .archs import IOU_TYPES
-from .evaluation import (
-    BACKENDS,
-    CocoEvaluator,
-    ResultsError,
-    evaluate_coco_results,
-    load_coco_gt,
-    predictions_to_coco_results,
-    run_cocoeval,
-    write_metrics,
-    write_results,
-)
+from .evaluation import *  # noqa: F403 - this module is the public face of the package
 
-__all__ = [
-    "BACKENDS",
-    "IOU_TYPES",
-    "CocoEvaluator",
-    "ResultsError",
-    "evaluate_coco_results",
-    "load_coco_gt",
-    "predictions_to_coco_results",
-    "run_cocoeval",
-    "write_metrics",
-    "write_results",
-]
+__all__ = ["IOU_TYPES", *evaluation.__all__]
