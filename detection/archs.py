@@ -8,9 +8,12 @@ level strides. The evaluation vocabularies that configs are checked against (:da
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from backbone.config import BackboneConfig
 
 __all__ = ["ARCHS", "EVAL_BACKENDS", "IOU_TYPES", "ArchSpec", "arch_spec"]
 
@@ -51,6 +54,21 @@ class ArchSpec:
     def iou_types(self) -> tuple[str, ...]:
         """The COCO evaluation types this architecture produces."""
         return ("bbox",) + (("segm",) if self.masks else ()) + (("keypoints",) if self.keypoints else ())
+
+    def backbone_config(self, cfg: BackboneConfig) -> BackboneConfig:
+        """``cfg`` with the options it leaves unset (``None``) filled with this arch's torchvision defaults:
+        body levels, FPN extra levels and, for the R-CNN v2 models, BN in the FPN (and in the body)."""
+        fpn = cfg.fpn
+        if fpn.extra is None:
+            fpn = dataclasses.replace(fpn, extra=self.fpn_extra)
+        if self.v2 and self.family == "rcnn" and fpn.norm is None:
+            fpn = dataclasses.replace(fpn, norm="bn")
+        changes: dict = {"fpn": fpn}
+        if cfg.out_features is None:
+            changes["out_features"] = self.out_features
+        if self.v2 and cfg.norm is None:
+            changes["norm"] = "bn"  # torchvision's v2 detectors train BN in the body even with pretrained weights
+        return dataclasses.replace(cfg, **changes)
 
     def anchor_sizes(self, strides: Sequence[int]) -> tuple[tuple[int, ...], ...]:
         """Default anchor sizes, one tuple per level, as torchvision's builders write them."""

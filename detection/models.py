@@ -19,7 +19,6 @@ takes float images in [0, 1] and resizes and normalises them itself (``Generaliz
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -80,18 +79,7 @@ def _backbone_config(spec: str | BackboneConfig | Mapping[str, Any]) -> Backbone
 
 def _backbone_for_arch(arch: ArchSpec, spec: str | BackboneConfig | Mapping[str, Any]) -> nn.Module:
     """Build our backbone, filling options left unset (``None``) with the arch's torchvision defaults."""
-    cfg = _backbone_config(spec)
-    fpn = cfg.fpn
-    if fpn.extra is None:
-        fpn = dataclasses.replace(fpn, extra=arch.fpn_extra)
-    if arch.v2 and arch.family == "rcnn" and fpn.norm is None:
-        fpn = dataclasses.replace(fpn, norm="bn")
-    changes: dict[str, Any] = {"fpn": fpn}
-    if cfg.out_features is None:
-        changes["out_features"] = arch.out_features
-    if arch.v2 and cfg.norm is None:
-        changes["norm"] = "bn"  # torchvision's v2 detectors train BN in the body even with pretrained weights
-    return build_backbone(dataclasses.replace(cfg, **changes))
+    return build_backbone(arch.backbone_config(_backbone_config(spec)))
 
 
 def feature_info_of(backbone: nn.Module, probe_size: int = 256) -> FeatureInfo:

@@ -143,11 +143,11 @@ class ModelConfig(Section):
         ``fpn.extra``'s levels (the arch's default when null) on top; without the FPN the body levels
         themselves (``"c3"``, ...) are the outputs. Anchors need one size list per level.
         """
-        spec = arch_spec(self.arch)
-        body = self.backbone.out_features or spec.out_features
-        if not self.backbone.fpn.enabled:
+        backbone = arch_spec(self.arch).backbone_config(self.backbone)
+        body = backbone.resolved_out_features()
+        if not backbone.fpn.enabled:
             return tuple(body)
-        extra = self.backbone.fpn.extra or spec.fpn_extra
+        extra = backbone.fpn.resolved_extra()
         top = int(body[-1][1:])
         return tuple(f"p{name[1:]}" for name in body) + tuple(
             f"p{top + k}" for k in range(1, _fpn_extra_levels(extra) + 1)
