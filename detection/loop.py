@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from .budget import IterationPlan
 from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
 from .engine import NonFiniteLossError, describe_bad_step, non_finite_tensors, to_device, train_step
 from .experiment import Run, TrainBatches
@@ -51,6 +52,12 @@ class TrainState:
     bad_steps: int = 0  # consecutive skipped (non-finite) steps
     skipped_steps: int = 0  # skipped steps in the whole training
     first_bad_step: str = ""  # description of the first skipped step
+    plan: IterationPlan | None = None  # the training length planned from train.time_budget
+
+    @property
+    def max_iters(self) -> int | None:
+        """The planned training length under a time budget (the cap until it is planned), else ``None``."""
+        return self.plan.max_iters if self.plan is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         position = self.batches.state_dict()
@@ -59,6 +66,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "sampler": position,
             "iteration": self.iteration, "epoch": position["epoch"], "best_metric": self.best_metric,
             "bad_steps": {"consecutive": self.bad_steps, "total": self.skipped_steps, "first": self.first_bad_step},
+            "plan": self.plan.state_dict() if self.plan is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -72,6 +80,8 @@ class TrainState:
         bad = state.get("bad_steps") or {}
         self.bad_steps, self.skipped_steps = int(bad.get("consecutive", 0)), int(bad.get("total", 0))
         self.first_bad_step = str(bad.get("first", ""))
+        if self.plan is not None and state.get("plan"):
+            self.plan.load_state_dict(state["plan"])
         self.batches.load_state_dict(state.get("sampler") or self.batches.position_at(self.iteration))
 
 
@@ -98,7 +108,7 @@ class TrainLoop:
         state: the stateful parts, already restored when resuming.
         model: what the step calls (``state.model``, or its ``DistributedDataParallel`` wrapper).
         precision: autocast policy of the forward pass.
-        max_iters: training length.
+        max_iters: training length (under ``train.time_budget``, the cap until ``state.plan`` is made).
         extras: checkpoint entries that do not change while training (``config``, ``categories``).
         evaluate: ``evaluate(model, iteration)`` returns the metrics (on rank 0; ``{}`` elsewhere).
         jsonl: ``metrics.jsonl`` on rank 0, ``None`` elsewhere.
@@ -109,9 +119,9 @@ class TrainLoop:
                  jsonl: JsonlWriter | None) -> None:
         t = run.cfg.train
         self.run, self.state, self.model, self.precision = run, state, model, precision
-        self.max_iters, self.extras, self.evaluate, self.jsonl = max_iters, dict(extras), evaluate, jsonl
+        self.fixed_iters, self.extras, self.evaluate, self.jsonl = max_iters, dict(extras), evaluate, jsonl
         self.checkpointer = Checkpointer(run.output_dir, keep_last=t.keep_last)
-        self.progress = ProgressLogger(max_iters, state.iteration, run.device, t.batch_size * run.world, enabled=run.main)
+        self.progress = ProgressLogger(self.max_iters, state.iteration, run.device, t.batch_size * run.world, enabled=run.main)
         self.no_sync = getattr(model, "no_sync", None)
         self.micro_step = 0  # position in the gradient accumulation
         self.window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
@@ -120,11 +130,19 @@ class TrainLoop:
         # taken before the iteration finished is written from there, so the resumed run repeats it exactly.
         self.step_start: tuple[int, dict[str, int], dict[str, Any]] | None = None
 
+    @property
+    def max_iters(self) -> int:
+        """The training length: planned from the time budget when there is one."""
+        planned = self.state.max_iters
+        return planned if planned is not None else self.fixed_iters
+
     # -- the loop ---------------------------------------------------------------------------------
     def train(self) -> float:
         """Train to ``max_iters``; returns the seconds it took. Ctrl-C saves a checkpoint and raises
         :class:`TrainingInterrupted`."""
         t_start = time.perf_counter()
+        if self.state.plan is not None:
+            self.state.plan.start(self.state.iteration)
         try:
             while self.state.iteration < self.max_iters:
                 self.train_epoch()
@@ -190,6 +208,8 @@ class TrainLoop:
 
     def after_iteration(self) -> None:
         t, it = self.run.cfg.train, self.state.iteration
+        if self.state.plan is not None:
+            self.plan_length(self.state.plan, it)
         if it % t.log_period == 0 or it == self.max_iters:
             self.report()
         if it < self.max_iters and t.checkpoint_period and it % t.checkpoint_period == 0:
@@ -198,6 +218,17 @@ class TrainLoop:
                 self.checkpointer.save_numbered(it, snapshot)
         if it < self.max_iters and t.eval_period and it % t.eval_period == 0 and self.evaluate is not None:
             self.periodic_evaluation()
+
+    def plan_length(self, plan: IterationPlan, iteration: int) -> None:
+        """Under ``train.time_budget``: fix the training length once the throughput is measured (rank 0's
+        plan, so every process stops at the same iteration)."""
+        planned = plan.observe(iteration)
+        if planned is None:
+            return
+        plan.planned = int(dist.all_gather_object(planned)[0])
+        self.progress.max_iters = plan.planned
+        self.progress.newline()
+        self.run.log(plan.describe())
 
     def report(self) -> None:
         """Log the losses averaged over the ranks and the finite iterations since the last report;

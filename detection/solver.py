@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -91,12 +92,16 @@ def fit_schedule(cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int) -> t
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int, iters_per_epoch: int
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_iters: int | Callable[[], int], iters_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per iteration; its state (the iteration count) goes into checkpoints."""
+    """A ``LambdaLR`` stepped once per iteration; its state (the iteration count) goes into checkpoints.
+
+    ``max_iters`` may be a function giving the current training length (planned from a time budget).
+    """
+    length = max_iters if callable(max_iters) else (lambda: max_iters)
     # One LambdaLR instead of torch's LinearLR + MultiStepLR / CosineAnnealingLR: SequentialLR starts the
     # schedule after the warm-up and ChainedScheduler's recursive cosine drifts, where this is warm-up x
     # schedule at every iteration; and existing checkpoints hold this scheduler's state.
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, cfg, max_iters, iters_per_epoch)
+        optimizer, lambda it: lr_factor(it, cfg, length(), iters_per_epoch)
     )

@@ -29,6 +29,7 @@ from backbone import summarize
 from . import distributed as dist
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs
+from .budget import IterationPlan
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
 from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
 from .loop import TrainingInterrupted, TrainLoop, TrainState, improved, restore_rng
@@ -105,9 +106,12 @@ def _train(run: Run, resume: str | os.PathLike[str] | bool | None, weights: str 
         restore_rng(run, ckpt.get("rng"))
         run.log(f"resumed from {resume_path} at iteration {state.iteration}")
     ddp_model = _distributed(run, model)
+    length = f"{max_iters} iterations" if state.plan is None else (
+        f"{state.plan.max_iters} iterations (planned from train.time_budget)" if state.plan.planned is not None
+        else f"as many iterations as fit in train.time_budget={cfg.train.time_budget:g}s (at most {max_iters})")
     run.log(
         f"training {cfg.model.arch} on {cfg.model.backbone.name}: {len(train_set)} images, {num_classes - 1} classes, "
-        f"{run.world} process(es) x {cfg.train.batch_size} images, {max_iters} iterations "
+        f"{run.world} process(es) x {cfg.train.batch_size} images, {length} "
         f"({batches.per_epoch} per epoch), device {run.device}, {precision.describe()}"
     )
     run.log(summarize(model))
@@ -207,14 +211,19 @@ def _training_model(run: Run, num_classes: int, weights: str | os.PathLike[str] 
 
 
 def _train_state(run: Run, model: nn.Module, batches: TrainBatches, precision: PrecisionPolicy, max_iters: int) -> TrainState:
-    """Optimizer, lr schedule and grad scaler around ``model``, at iteration 0."""
+    """Optimizer, lr schedule, grad scaler and time-budget plan around ``model``, at iteration 0.
+
+    Under ``train.time_budget`` the schedule follows the planned length (``max_iters`` until it is planned).
+    """
     t = run.cfg.train
     optimizer = build_optimizer(model, t.optimizer, t.optimizer.scaled_lr(t.batch_size, run.world))
+    plan = IterationPlan(t.time_budget, max_iters) if t.time_budget else None
     schedule, warning = fit_schedule(t.schedule, max_iters, batches.per_epoch)
     if warning:
         run.log(warning)
-    scheduler = build_scheduler(optimizer, schedule, max_iters, batches.per_epoch)
-    return TrainState(model, optimizer, scheduler, precision.grad_scaler(), batches)
+    length = (lambda: plan.max_iters) if plan is not None else max_iters
+    scheduler = build_scheduler(optimizer, schedule, length, batches.per_epoch)
+    return TrainState(model, optimizer, scheduler, precision.grad_scaler(), batches, plan=plan)
 
 
 def _distributed(run: Run, model: nn.Module) -> nn.Module:

@@ -265,6 +265,14 @@ class TrainConfig(Section):
     epochs: int | None = option(
         None, bound=COUNT, doc="training length in epochs (alternative to max_iters)."
     )
+    time_budget: float | None = option(
+        None,
+        bound=POSITIVE,
+        doc="wall-clock seconds for the training iterations (evaluation not included); null trains for "
+        "max_iters. With a budget, max_iters (or epochs) is the most iterations: the throughput is measured "
+        "over iterations 51-150, the length that fits the rest of the budget is logged and the lr schedule "
+        "follows it; the plan is saved in checkpoints, so --resume continues it.",
+    )
     batch_size: int = option(2, bound=COUNT, doc="images per process and iteration.")
     optimizer: OptimizerConfig = option(factory=OptimizerConfig, doc="the optimizer.")
     schedule: ScheduleConfig = option(factory=ScheduleConfig, doc="the learning-rate schedule.")
