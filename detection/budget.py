@@ -28,7 +28,7 @@ class IterationPlan:
         clock: seconds as a float (a fake clock in tests).
     """
 
-    def __init__(self, budget: float, max_iters: int, *, window: tuple[int, int] = (50, 150),
+    def __init__(self, budget: float, max_iters: int, *, window: tuple[int, int] = (200, 400),
                  clock: Callable[[], float] = time.perf_counter) -> None:
         if not 0 < window[0] < window[1]:
             raise ValueError(f"window must be 0 < first < last, got {window}")
