@@ -27,9 +27,9 @@ from torch import nn
 from backbone import summarize
 
 from . import distributed as dist
+from .budget import IterationPlan
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs
-from .budget import IterationPlan
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
 from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
 from .loop import TrainingInterrupted, TrainLoop, TrainState, improved, restore_rng
