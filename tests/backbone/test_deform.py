@@ -107,8 +107,10 @@ def test_contract_unchanged_and_gradients_reach_the_offsets():
     assert dcn.feature_info == plain.feature_info and dcn.body.feature_info == plain.body.feature_info
     assert dcn.out_channels == plain.out_channels and dcn.output_shape() == plain.output_shape()
     assert set(dcn.state_dict()) == set(plain.state_dict()) | {f"body.{k}" for k in offset_state_keys(dcn.body)}
-    out = dcn.train()(rand(2, 3, 64, 64))
-    assert [tuple(v.shape) for v in out.values()] == [tuple(v.shape) for v in plain(rand(2, 3, 64, 64)).values()]
+    x = rand(1, 3, 64, 48)
+    out = dcn.train()(x)
+    with torch.no_grad():
+        assert [tuple(v.shape) for v in out.values()] == [tuple(v.shape) for v in plain(x).values()]
     sum(v.square().mean() for v in out.values()).backward()
     for layer in (dcn.body.layer2, dcn.body.layer3, dcn.body.layer4):
         for block in layer:
