@@ -10,10 +10,12 @@ This package depends only on torch and torchvision and can be imported into any 
     bb.output_shape()["p3"]         # ShapeSpec(channels=256, ..., stride=8), detectron2's convention
     features = bb(images)           # OrderedDict p2..p6 (a dict in TorchScript)
     build_backbone("resnet18", torchvision_names=True).feature_info.names()  # ('0', '1', '2', '3', 'pool')
+    build_backbone("resnet50", dcn_stages=("c3", "c4", "c5"))  # DCNv2 3x3 convs in C3-C5 (ModulatedDeformConv2d)
 """
 
 from .build import BackboneWithFPN, build_backbone, load_backbone_weights, torchvision_level_names
 from .config import ARCHITECTURES, BackboneConfig, FPNConfig
+from .deform import ModulatedDeformConv2d
 from .features import FeatureInfo, FeatureSpec, ShapeSpec
 from .fpn import FPN
 from .norm import FrozenBatchNorm2d
@@ -32,6 +34,7 @@ __all__ = [
     "FeatureInfo",
     "FeatureSpec",
     "FrozenBatchNorm2d",
+    "ModulatedDeformConv2d",
     "ResNetBody",
     "ShapeSpec",
     "WeightsError",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ARCHITECTURES, MAX_TRAINABLE_STAGES, BackboneConfig
+from .config import ARCHITECTURES, LEVELS, MAX_TRAINABLE_STAGES, BackboneConfig
 from .features import FeatureInfo, ShapeSpec
 from .fpn import FPN
 from .norm import make_norm
@@ -120,6 +120,29 @@ class BackboneWithFPN(nn.Module):
         return features
 
 
+def _warn_frozen(cfg: BackboneConfig) -> None:
+    """Warn about options that freezing makes pointless: random stages kept frozen, offsets that never train."""
+    trainable = cfg.resolved_trainable_stages()
+    if cfg.trainable_stages is not None and trainable < MAX_TRAINABLE_STAGES and not cfg.weights:
+        warnings.warn(
+            f"trainable_stages={trainable} without weights freezes randomly initialised stages of "
+            f"{cfg.name}; set weights, or trainable_stages={MAX_TRAINABLE_STAGES} to train them",
+            UserWarning,
+            stacklevel=3,
+        )
+    # The parts are the stem then c2..c5; the lowest MAX_TRAINABLE_STAGES - trainable are frozen.
+    frozen = [n for n in cfg.dcn_stages if LEVELS.index(n) + 1 < MAX_TRAINABLE_STAGES - trainable]
+    if frozen:
+        needed = MAX_TRAINABLE_STAGES - 1 - LEVELS.index(frozen[0])
+        warnings.warn(
+            f"dcn_stages {frozen} lie in stages frozen by trainable_stages={trainable}, so their offset convs never "
+            f"train (from ImageNet weights they stay zero: a plain 3x3 grid at mask 0.5); set trainable_stages={needed} "
+            "or drop them from dcn_stages",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def build_backbone(
     spec: str | BackboneConfig | Mapping[str, Any] | None = None, /, *, torchvision_names: bool = False, **options: Any
 ) -> BackboneWithFPN:
@@ -132,7 +155,7 @@ def build_backbone(
             :class:`FPNConfig` fields (see :meth:`BackboneConfig.from_mapping`).
         **options: see :class:`BackboneConfig` (``weights``, ``norm``, ``trainable_stages``,
             ``norm_eval``, ``out_features``, ``style``, ``output_stride``, ``zero_init_residual``,
-            ``checkpoint_stages``, ``base_channels``, ``fpn``).
+            ``checkpoint_stages``, ``base_channels``, ``dcn_stages``, ``fpn``).
         torchvision_names: name the outputs as torchvision's ``resnet_fpn_backbone`` does (``'0'``,
             ``'1'``, ``'2'``, ``'3'``, ``'pool'`` for the default P2-P6; see
             :func:`torchvision_level_names`); ``feature_info`` follows. Use it to plug the backbone
@@ -149,6 +172,9 @@ def build_backbone(
     Warns:
         UserWarning: ``trainable_stages`` below 5 without ``weights``: randomly initialised stages
             are frozen (torchvision ignores the setting in that case; here it keeps its meaning).
+        UserWarning: ``dcn_stages`` in frozen stages: their offset convs never train.
+        UserWarning: ``weights`` lack the offset convs of ``dcn_stages`` (always so for ImageNet
+            files): they are listed as new keys and start at zero.
 
     Example:
         >>> bb = build_backbone("resnet18", fpn={"out_channels": 128})
@@ -158,13 +184,7 @@ def build_backbone(
     if isinstance(spec, str):
         spec = {"name": spec}
     cfg = BackboneConfig.from_mapping(spec, **options)
-    if cfg.trainable_stages is not None and cfg.trainable_stages < MAX_TRAINABLE_STAGES and not cfg.weights:
-        warnings.warn(
-            f"trainable_stages={cfg.trainable_stages} without weights freezes randomly initialised stages of "
-            f"{cfg.name}; set weights, or trainable_stages={MAX_TRAINABLE_STAGES} to train them",
-            UserWarning,
-            stacklevel=2,
-        )
+    _warn_frozen(cfg)
     arch = ARCHITECTURES[cfg.name]
     body = ResNetBody(
         arch.block,
@@ -180,6 +200,7 @@ def build_backbone(
         zero_init_residual=cfg.zero_init_residual,
         checkpoint_stages=cfg.checkpoint_stages,
         base_channels=cfg.base_channels,
+        dcn_stages=cfg.dcn_stages,
     )
     if cfg.weights:
         load_backbone_weights(body, cfg.name, cfg.weights)

@@ -31,6 +31,7 @@ __all__ = [
     "FPNConfig",
     "ResNetSpec",
     "check_choice",
+    "check_dcn_stages",
     "check_levels",
     "check_trainable_stages",
 ]
@@ -123,6 +124,23 @@ def check_levels(field_name: str, levels: tuple[str, ...], allow_empty: bool) ->
         )
     if len(set(levels)) != len(levels) or list(levels) != sorted(levels, key=LEVELS.index):
         raise ValueError(f"{field_name} must list distinct levels in increasing order, got {list(levels)}")
+
+
+def check_dcn_stages(dcn_stages: tuple[str, ...], out_features: tuple[str, ...], block: str, name: str = "") -> None:
+    """Raise unless ``dcn_stages`` names built levels of a bottleneck body (``name`` is the architecture, for messages)."""
+    check_levels("dcn_stages", dcn_stages, allow_empty=True)
+    if dcn_stages and block != "bottleneck":
+        raise ValueError(
+            f"dcn_stages={list(dcn_stages)}: deformable convs replace the 3x3 conv of bottleneck blocks, but "
+            f"{name or 'this body'} is built from basic blocks; use a bottleneck ResNet (resnet50 and up, resnext*, "
+            "wide_resnet*) or set dcn_stages: []"
+        )
+    unbuilt = [n for n in dcn_stages if out_features and LEVELS.index(n) > LEVELS.index(out_features[-1])]
+    if unbuilt:
+        raise ValueError(
+            f"dcn_stages names {unbuilt}, but out_features {list(out_features)} ends at {out_features[-1]!r}, so those "
+            "stages are not built; drop them from dcn_stages or extend out_features"
+        )
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -257,6 +275,13 @@ class BackboneConfig:
         "the only width pretrained weights exist for; 32 halves every width (about a quarter of the "
         "compute), for training from scratch on small images and CPUs."
     ))
+    dcn_stages: tuple[str, ...] = field(default=(), metadata=_doc(
+        "levels whose bottleneck blocks use a modulated deformable 3x3 conv (DCNv2), for example "
+        "``(\"c3\", \"c4\", \"c5\")`` as in detectron2's and mmdet's DCN recipes. Bottleneck architectures "
+        "only (resnet50 and up, resnext, wide_resnet). The main kernels keep their ``conv2.weight`` keys, so "
+        "ImageNet weights load; the new offset convs start at zero (mask 0.5) and are reported as new keys. "
+        "Not exportable to ONNX."
+    ))
     fpn: FPNConfig = field(default_factory=FPNConfig, metadata=_doc(
         "the pyramid options (:class:`FPNConfig`)."
     ))
@@ -269,7 +294,7 @@ class BackboneConfig:
         """The one converter to a config: a mapping of fields (as read from YAML) or a config, plus overrides.
 
         ``fpn`` may be ``True``/``False``, a mapping of :class:`FPNConfig` fields or an
-        :class:`FPNConfig`; ``out_features`` and ``checkpoint_stages`` may be lists (or one name).
+        :class:`FPNConfig`; ``out_features``, ``checkpoint_stages`` and ``dcn_stages`` may be lists (or one name).
         Unknown keys raise ``TypeError`` naming the closest valid one.
         """
         if isinstance(mapping, BackboneConfig):
@@ -284,7 +309,7 @@ class BackboneConfig:
         _check_option_names("backbone", base, _field_names(cls))
         if "fpn" in base:
             base["fpn"] = _fpn_config(base["fpn"])
-        for key in ("out_features", "checkpoint_stages"):
+        for key in ("out_features", "checkpoint_stages", "dcn_stages"):
             value = base.get(key)
             if value is not None:
                 base[key] = (value,) if isinstance(value, str) else tuple(value)
@@ -311,6 +336,7 @@ class BackboneConfig:
         if self.out_features is not None:
             check_levels("out_features", tuple(self.out_features), allow_empty=False)
         check_levels("checkpoint_stages", tuple(self.checkpoint_stages), allow_empty=True)
+        check_dcn_stages(self.dcn_stages, self.resolved_out_features(), ARCHITECTURES[self.name].block, self.name)
         check_choice("style", self.style, STYLES)
         if self.style == "caffe" and ARCHITECTURES[self.name].block == "basic":
             raise ValueError(

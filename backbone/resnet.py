@@ -20,9 +20,11 @@ from .config import (
     MAX_TRAINABLE_STAGES,
     OUTPUT_STRIDES,
     check_choice,
+    check_dcn_stages,
     check_levels,
     check_trainable_stages,
 )
+from .deform import ModulatedDeformConv2d
 from .features import FeatureInfo, FeatureSpec, ShapeSpec
 from .norm import BN_TYPES, freeze_bn_stats
 
@@ -57,8 +59,12 @@ class BasicBlock(tv_resnet.BasicBlock):
         width_per_group: int = 64,
         norm_layer: NormFactory = nn.BatchNorm2d,
         stride_in_1x1: bool = False,
+        deformable: bool = False,
     ) -> None:
         del stride_in_1x1  # a basic block has no 1x1 conv; BackboneConfig rejects style='caffe' for it
+        if deformable:
+            # As in detectron2 and mmdet: DCN replaces a bottleneck's 3x3; neither defines it for basic blocks.
+            raise ValueError("deformable convs are built into bottleneck blocks only; a BasicBlock has none")
         downsample = _projection(in_channels, planes * self.expansion, stride, norm_layer)
         super().__init__(in_channels, planes, stride, downsample, groups, width_per_group, norm_layer=norm_layer)
         for conv in (self.conv1, self.conv2):
@@ -74,6 +80,8 @@ class Bottleneck(tv_resnet.Bottleneck):
 
     ``stride_in_1x1=False`` is torchvision's ResNet v1.5 (stride in the 3x3); ``True`` is the original
     MSRA/Caffe layout used by detectron2's ImageNet weights (stride in the first 1x1).
+    ``deformable=True`` builds the 3x3 ``conv2`` as a :class:`~backbone.deform.ModulatedDeformConv2d`
+    (DCNv2) with the same stride, dilation, groups and ``conv2.weight`` key.
     """
 
     def __init__(
@@ -87,11 +95,17 @@ class Bottleneck(tv_resnet.Bottleneck):
         width_per_group: int = 64,
         norm_layer: NormFactory = nn.BatchNorm2d,
         stride_in_1x1: bool = False,
+        deformable: bool = False,
     ) -> None:
         downsample = _projection(in_channels, planes * self.expansion, stride, norm_layer)
         super().__init__(in_channels, planes, stride, downsample, groups, width_per_group, dilation, norm_layer)
         if stride_in_1x1:
             self.conv1.stride, self.conv2.stride = (stride, stride), (1, 1)
+        if deformable:
+            width = self.conv2.in_channels
+            self.conv2 = ModulatedDeformConv2d(
+                width, width, 3, stride=self.conv2.stride[0], padding=dilation, dilation=dilation, groups=groups
+            )
         self.out_channels = planes * self.expansion
 
     def last_norm(self) -> nn.Module:
@@ -164,6 +178,10 @@ class ResNetBody(nn.Module):
         base_channels: width of the stem and of the first stage's blocks (``planes``); each later
             stage doubles it. 64 is every standard ResNet; 32 gives a ResNet of half the width and
             about a quarter of the compute (no pretrained weights exist for it).
+        dcn_stages: levels whose bottlenecks get a modulated deformable 3x3 conv (DCNv2,
+            :class:`~backbone.deform.ModulatedDeformConv2d`) in every block, as detectron2's
+            ``DEFORM_ON_PER_STAGE`` and mmdet's ``stage_with_dcn`` do. Bottleneck bodies only; the
+            levels must be built. Outputs, ``feature_info`` and the main conv keys are unchanged.
 
     Input: float tensor ``[N, 3, H, W]``, normalised as torchvision's ImageNet weights expect.
     Output: ``OrderedDict`` name -> tensor ``[N, C, ceil(H / stride), ceil(W / stride)]`` in
@@ -194,12 +212,14 @@ class ResNetBody(nn.Module):
         zero_init_residual: bool = False,
         checkpoint_stages: Sequence[str] = (),
         base_channels: int = 64,
+        dcn_stages: Sequence[str] = (),
     ) -> None:
         super().__init__()
         check_choice("block", block, BLOCKS)
         check_choice("output_stride", output_stride, OUTPUT_STRIDES)
         check_levels("out_features", tuple(out_features), allow_empty=False)
         check_levels("checkpoint_stages", tuple(checkpoint_stages), allow_empty=True)
+        check_dcn_stages(tuple(dcn_stages), tuple(out_features), block)
         if len(layers) != len(LEVELS) or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must give a positive block count for each of the 4 stages, got {list(layers)}")
         if base_channels < 1:
@@ -210,7 +230,8 @@ class ResNetBody(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         block_kwargs = {"groups": groups, "width_per_group": width_per_group, "norm_layer": norm_layer, "stride_in_1x1": stride_in_1x1}
-        specs = self._build_stages(_BLOCK_CLASSES[block], layers[: LEVELS.index(out_features[-1]) + 1], base_channels, output_stride, block_kwargs)
+        built = layers[: LEVELS.index(out_features[-1]) + 1]
+        specs = self._build_stages(_BLOCK_CLASSES[block], built, base_channels, output_stride, block_kwargs, tuple(dcn_stages))
         #: Outputs of this module, in order: (name, channels, stride).
         self.feature_info = FeatureInfo(s for s in specs if s.name in out_features)
         # Plain attributes for forward and for torchvision's detectors (TorchScript cannot read FeatureInfo).
@@ -224,7 +245,13 @@ class ResNetBody(nn.Module):
 
     # -- construction helpers -------------------------------------------------------------------
     def _build_stages(
-        self, block_cls: type[nn.Module], layers: Sequence[int], base_channels: int, output_stride: int, block_kwargs: dict
+        self,
+        block_cls: type[nn.Module],
+        layers: Sequence[int],
+        base_channels: int,
+        output_stride: int,
+        block_kwargs: dict,
+        dcn_stages: tuple[str, ...],
     ) -> list[FeatureSpec]:
         """Add ``layer1``.. (one per entry of ``layers``) and return each stage's output spec."""
         dilate = _DILATED[output_stride]
@@ -244,6 +271,7 @@ class ResNetBody(nn.Module):
                         planes,
                         stride=stride if first else 1,
                         dilation=previous_dilation if first else dilation,
+                        deformable=LEVELS[i] in dcn_stages,
                         **block_kwargs,
                     )
                 )
@@ -256,11 +284,14 @@ class ResNetBody(nn.Module):
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, ModulatedDeformConv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
+        for m in self.modules():
+            if isinstance(m, ModulatedDeformConv2d):
+                m.reset_offset()  # the loop above reached its offset conv too; DCNv2 starts from zero offsets
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):

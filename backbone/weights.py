@@ -8,14 +8,16 @@ checkpoint formats that wrap one belong to their readers (``detection.weights`` 
 
 import os
 import pickle
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .config import LEVELS
+from .deform import offset_state_keys
 
 __all__ = [
     "WeightsError",
@@ -124,7 +126,8 @@ def load_state_dict_checked(
     *,
     source: str,
     ignore_prefixes: tuple[str, ...] = (),
-) -> None:
+    new_keys: Collection[str] = (),
+) -> list[str]:
     """Load ``state_dict`` into ``module`` strictly, with an error that names keys and shapes.
 
     Args:
@@ -133,6 +136,11 @@ def load_state_dict_checked(
         source: where the tensors came from (a file path or a description), used in messages.
         ignore_prefixes: keys in ``state_dict`` starting with these are dropped first (``fc.`` for an
             ImageNet classifier, ``layer4.`` when the body stops at C4).
+        new_keys: keys of ``module`` the checkpoint may lack (parts the source architecture does
+            not have, such as deformable-conv offsets); they keep their initialisation.
+
+    Returns:
+        The keys of ``new_keys`` the checkpoint lacked, in the module's order.
 
     Raises:
         WeightsError: shape mismatches, missing or unexpected keys, listing the first few of each.
@@ -153,6 +161,9 @@ def load_state_dict_checked(
     result = module.load_state_dict(sd, strict=False)
     # BN's batch counter is not a weight: checkpoints made with FrozenBatchNorm2d do not carry it.
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    allowed = set(new_keys)
+    kept_init = [k for k in missing if k in allowed]
+    missing = [k for k in missing if k not in allowed]
     unexpected = list(result.unexpected_keys)
     if missing or unexpected:
         parts = []
@@ -165,6 +176,7 @@ def load_state_dict_checked(
             + ". A checkpoint of a different architecture, or a wrapper that renamed the keys (e.g. 'module.' "
             "from DistributedDataParallel), causes this."
         )
+    return kept_init
 
 
 def resolve_torchvision_weights(arch: str, name: str) -> tuple[str, str]:
@@ -226,12 +238,17 @@ def load_torchvision_weights(arch: str, name: str) -> tuple[dict[str, Tensor], s
     return dict(state_dict), str(cached)
 
 
-def load_backbone_weights(body: nn.Module, name: str, weights: str | os.PathLike[str]) -> None:
+def load_backbone_weights(body: nn.Module, name: str, weights: str | os.PathLike[str]) -> list[str]:
     """Load ImageNet weights into a :class:`~backbone.resnet.ResNetBody`: a local file or a torchvision weights name.
 
     A local file must hold a plain state dict in torchvision's format. The classifier (``fc.*``) and
     stages the body does not build are skipped; everything else must match exactly (strict), or a
-    :class:`WeightsError` lists the offending keys.
+    :class:`WeightsError` lists the offending keys. The one exception is the offset convs of
+    deformable blocks (``dcn_stages``), which plain ResNets lack: they keep their zero
+    initialisation, and a ``UserWarning`` lists them as new keys.
+
+    Returns:
+        The state-dict keys the file did not provide (the new offset-conv keys), in order.
     """
     text = os.fspath(weights)
     looks_like_path = os.sep in text or text.endswith((".pth", ".pt", ".bin", ".ckpt")) or text.startswith("~")
@@ -241,4 +258,15 @@ def load_backbone_weights(body: nn.Module, name: str, weights: str | os.PathLike
     else:
         state_dict, source = load_torchvision_weights(name, text)
     unbuilt = tuple(f"layer{i + 1}." for i in range(len(body.stage_names), len(LEVELS)))
-    load_state_dict_checked(body, state_dict, source=source, ignore_prefixes=("fc.",) + unbuilt)
+    new = load_state_dict_checked(
+        body, state_dict, source=source, ignore_prefixes=("fc.",) + unbuilt, new_keys=offset_state_keys(body)
+    )
+    if new:
+        warnings.warn(
+            f"{source}: {len(new)} new key(s) not in the checkpoint, the deformable-conv offsets of dcn_stages, "
+            f"initialised to zero (plain 3x3 sampling, mask 0.5): {', '.join(new[:_MAX_LISTED])}"
+            + (", ..." if len(new) > _MAX_LISTED else ""),
+            UserWarning,
+            stacklevel=3,
+        )
+    return new
