@@ -358,7 +358,7 @@ def format_analysis(analysis: ModelAnalysis, title: Sequence[str] = ()) -> str:
         share = f"{100 * g.flops / a.flops:.1f}%" if a.flops else "-"
         label = ("  " * depth) + (g.name.split(".", 1)[1] if depth else g.name)
         lines.append(f"{label:<26}{_si(g.params):>12}{_si(g.trainable_params):>12}{g.flops / 1e9:>11.3f}{share:>8}")
-    lines.append(f"= {a.macs / 1e9:.3f} GMACs (multiply-adds; torchvision's _ops convention). FLOPs: 2 per "
-                 "multiply-add of conv/linear/matmul (torch.utils.flop_counter); RoIAlign, NMS, norms, "
-                 "activations and interpolation count none.")
+    lines.append(f"= {a.macs / 1e9:.3f} GMACs (multiply-adds: the unit of torchvision's weights meta '_ops')")
+    lines.append("FLOPs: 2 per multiply-add of conv / linear / matmul (torch.utils.flop_counter); RoIAlign, NMS, "
+                 "norms, activations and interpolation count none.")
     return "\n".join(lines) + "\n"
