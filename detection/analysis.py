@@ -34,9 +34,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -217,21 +217,14 @@ def _load_settings(model: nn.Module, detections: DetectionMode) -> list[tuple[An
     return settings
 
 
-@contextmanager
-def _eval_with_load(model: nn.Module, detections: DetectionMode) -> Iterator[None]:
-    """Eval mode and :func:`_load_settings`, all restored afterwards."""
+def _counting_copy(model: nn.Module, detections: DetectionMode) -> nn.Module:
+    """A copy of ``model`` in eval mode with :func:`_load_settings` applied; ``model`` itself is never changed."""
     settings = _load_settings(model, detections)
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in settings]
-    was_training = model.training
-    model.eval()
-    try:
-        for obj, name, value in settings:
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
-        model.train(was_training)
+    work = copy.deepcopy(model).eval()
+    copies = dict(zip(model.modules(), work.modules()))
+    for obj, name, value in settings:
+        setattr(copies[obj], name, value)
+    return work
 
 
 def _sizes(model: nn.Module, image: torch.Tensor) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -257,14 +250,15 @@ def analyze_model(
         seed: seed of the random image.
 
     Returns:
-        A :class:`ModelAnalysis`; its groups add up to its totals. The model's mode and the
-        thresholds set for the count are restored afterwards.
+        A :class:`ModelAnalysis`; its groups add up to its totals. The count runs on a copy of
+        ``model`` (eval mode, the thresholds set for the count), so ``model`` is left as it was.
     """
     size = _check_size(image_size)
     param = next(model.parameters(), None)
     generator = torch.Generator().manual_seed(seed)
     image = torch.rand(3, *size, generator=generator).to(param.device if param is not None else "cpu")
-    with _eval_with_load(model, detections), torch.no_grad():
+    model = _counting_copy(model, detections)
+    with torch.no_grad():
         input_size, padded_size = _sizes(model, image)
         with FlopCounterMode(display=False) as counter:
             outputs = model([image])
