@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ["train_det", "eval_det", "infer_det", "print_config", "make_shapes", "benchmark", "bench_model", "bench_data", "bench_eval"]
+TOOLS = ["train_det", "eval_det", "infer_det", "print_config", "make_shapes", "benchmark", "bench_model", "bench_data", "bench_eval", "analyze"]
 
 
 @pytest.mark.parametrize("name", TOOLS)
