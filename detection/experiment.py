@@ -116,7 +116,9 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
     """``(train_set, val_set)``: ``CocoDetection`` datasets (``None`` where not needed or not configured).
 
     ``categories`` (a ``CategoryMapping``, e.g. from a checkpoint) fixes the label of each category;
-    otherwise the training set's annotation file defines it, and the validation set follows it.
+    otherwise the training set's annotation file defines it, and the validation set follows it. When
+    evaluation scores ``segm``, the validation file's segmentations are checked as the training file's
+    are (``data.on_bad_annotation``), though the validation targets carry no masks.
     """
     from .data import CocoDetection, build_transforms
 
@@ -133,8 +135,9 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
         categories = train_set.categories
     val_set = None
     if paths.get("val_ann") is not None:
+        scores_masks = "segm" in cfg.eval.resolved_iou_types(cfg.model.arch)  # COCOeval decodes the file's masks
         val_set = CocoDetection(paths["val_ann"], paths["val_img"], train=False, with_masks=False,
-                                category_mapping=categories, **checks)
+                                check_masks=scores_masks, category_mapping=categories, **checks)
     return train_set, val_set
 
 
