@@ -18,6 +18,7 @@ from torch import nn
 from . import distributed as dist
 from .archs import arch_spec
 from .config import ConfigError, ExperimentConfig, dump_config
+from .io import make_output_dir
 
 __all__ = ["Run", "TrainBatches", "build_datasets", "data_paths", "select_device", "train_loader"]
 
@@ -56,7 +57,7 @@ class Run:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         if self.main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.output_dir)
             dump_config(cfg, self.output_dir / "config.yaml")
 
     def _apply_process_settings(self) -> None:
