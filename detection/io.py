@@ -75,8 +75,9 @@ def output_dir_error(folder: str | os.PathLike[str], exc: OSError) -> OutputWrit
     failed = Path(exc.filename) if exc.filename else Path(folder)
     if exc.errno == errno.ENOENT:  # with parents=True: the parent exists but its file system refuses
         reason = f"{failed.parent} does not accept new folders ({exc.strerror})"
-    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        reason = f"{failed} is a file, or a part of that path is ({exc.strerror})"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):  # the folder, or a folder above it, is a file
+        blocker = next((p for p in (failed, *failed.parents) if p.exists()), failed)
+        reason = f"{blocker} is a file, not a folder"
     else:
         reason = str(exc.strerror) + ("" if failed == Path(folder) else f" at {failed}")
     return OutputWriteError(
