@@ -10,8 +10,9 @@ code    meaning
 1       diverged: training stopped on non-finite losses or weights (any ``FloatingPointError``,
         such as :class:`~detection.engine.NonFiniteLossError`; :data:`EXIT_DIVERGED`)
 2       bad input or config: a config key, a data / weights / checkpoint / results file, an
-        output folder that cannot be written, or a distributed process that stopped answering
-        within ``train.dist_timeout`` (:data:`EXIT_USER_ERROR`)
+        output folder that cannot be created or written, or a distributed process that stopped
+        answering within ``train.dist_timeout`` (:data:`EXIT_USER_ERROR`; the message names the
+        stalled rank)
 130     interrupted (Ctrl-C); the trainer saved a checkpoint first, continue with ``--resume``
 ======  =====================================================================================
 
@@ -54,8 +55,10 @@ DEBUG_ENV = "DETECTION_DEBUG"
 # OSError numbers that mean the user's disk or folder, not our code: reported as bad input.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
-# Set by ``--debug`` while the tool parses its arguments (before run_main), read once by run_main.
+# Set by ``--debug`` and ``--output-dir`` while the tool parses its arguments (before run_main), read
+# once by run_main.
 _debug_requested = False
+_output_dir_requested: str | None = None
 
 
 class _DebugAction(argparse.Action):
@@ -67,6 +70,14 @@ class _DebugAction(argparse.Action):
         global _debug_requested
         _debug_requested = True
         setattr(namespace, self.dest, True)
+
+
+class _OutputDirAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        global _output_dir_requested
+        _output_dir_requested = values
+        setattr(namespace, self.dest, values)
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +94,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
         "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
         help="override dotted config keys, values read as YAML (e.g. train.max_iters=100 model.backbone.name=resnet18)",
     )
-    parser.add_argument("--output-dir", metavar="DIR", help="output folder (default: output_dir from the config)")
+    parser.add_argument("--output-dir", metavar="DIR", action=_OutputDirAction,
+                        help="output folder (default: output_dir from the config)")
     add_debug_argument(parser)
 
 
@@ -132,13 +144,31 @@ def _debug_enabled() -> bool:
     return requested or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def _requested_output_dir() -> str | None:
+    global _output_dir_requested
+    folder, _output_dir_requested = _output_dir_requested, None
+    return folder
+
+
+def _as_output_dir_error(exc: BaseException, folder: str | None) -> BaseException:
+    """``exc`` as the error of creating ``--output-dir`` when it is an ``OSError`` on that folder or above it
+    (a tool that calls ``mkdir`` itself); otherwise ``exc`` unchanged."""
+    from .io import OutputWriteError, output_dir_error
+
+    if folder is None or not isinstance(exc, OSError) or isinstance(exc, OutputWriteError) or not exc.filename:
+        return exc
+    failed, target = os.path.abspath(exc.filename), os.path.abspath(folder)
+    inside = target == failed or target.startswith(failed.rstrip(os.sep) + os.sep)
+    return output_dir_error(folder, exc) if inside else exc
+
+
 def run_main(body: Callable[[], int]) -> int:
     """Run a tool's body and return its exit code from the table in this module's docstring.
 
     User errors print ``error: <message>`` as one line on stderr (plus the traceback under ``--debug``
     or ``DETECTION_DEBUG=1``) and return 2; a divergence stop returns 1; Ctrl-C returns 130.
     """
-    debug = _debug_enabled()
+    debug, output_dir = _debug_enabled(), _requested_output_dir()
     try:
         return body()
     except KeyboardInterrupt as exc:
@@ -148,9 +178,10 @@ def run_main(body: Callable[[], int]) -> int:
         code = EXIT_DIVERGED
         error: BaseException = exc
     except Exception as exc:
-        if not _is_user_error(exc):
+        error = _as_output_dir_error(exc, output_dir)
+        if not _is_user_error(error):
             raise
-        code, error = EXIT_USER_ERROR, exc
+        code = EXIT_USER_ERROR
     if debug:
         traceback.print_exception(error, file=sys.stderr)
     print(f"error: {_one_line(error)}", file=sys.stderr)

@@ -2,25 +2,33 @@
 
 Every collective is bounded by the process group's timeout (``train.dist_timeout``). Each helper
 first records, in the process group's store, how many collectives this rank has entered; when one
-times out, :class:`DistributedTimeout` names the ranks that never reached it.
+times out, :class:`DistributedTimeout` names the ranks that never reached it. The collectives that
+``DistributedDataParallel`` runs itself are counted the same way: each training step is entered
+through :func:`bounded` and each gradient-bucket all-reduce through the communication hook of
+:func:`count_gradient_all_reduces`, so a rank stopped inside a step is named too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 __all__ = [
     "DistributedTimeout",
     "all_gather_object",
     "any_rank",
     "barrier",
+    "bounded",
     "cleanup",
+    "count_gradient_all_reduces",
     "get_rank",
     "get_world_size",
     "init_from_env",
@@ -84,24 +92,72 @@ def _store() -> Any:
     return getter() if getter is not None else None
 
 
-def _bounded(what: str, fn: Callable[[], Any]) -> Any:
-    """Run the collective ``fn``; a timeout becomes :class:`DistributedTimeout` naming the missing ranks."""
+def _enter() -> Any:
+    """Count one more collective entered by this rank and record it in the store (which it returns)."""
     global _entered
     _entered += 1
-    store, rank = _store(), get_rank()
+    store = _store()
     if store is not None:
-        store.set(f"detection/entered/{rank}", str(_entered))
-    try:
+        store.set(f"detection/entered/{get_rank()}", str(_entered))
+    return store
+
+
+def _is_timeout(exc: RuntimeError) -> bool:
+    # gloo and nccl report a timeout as RuntimeError (DistBackendError), also through DDP's futures
+    text = str(exc).lower()
+    return not isinstance(exc, DistributedTimeout) and ("timed out" in text or "timeout" in text)
+
+
+def _timeout_error(what: str, store: Any) -> DistributedTimeout:
+    missing = _ranks_behind(store, _entered)
+    who = f"rank(s) {', '.join(map(str, missing))} did not" if missing else "another rank did not"
+    return DistributedTimeout(
+        f"rank {get_rank()}: {who} reach {what} within train.dist_timeout={_timeout_s:g}s (stalled or stopped); "
+        "stopping. Check that process, or raise train.dist_timeout for slow steps."
+    )
+
+
+def _bounded(what: str, fn: Callable[[], Any]) -> Any:
+    """Run the collective ``fn``; a timeout becomes :class:`DistributedTimeout` naming the missing ranks."""
+    with bounded(what):
         return fn()
-    except RuntimeError as exc:  # gloo and nccl report a timeout as RuntimeError (DistBackendError)
-        if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+
+
+@contextlib.contextmanager
+def bounded(what: str) -> Iterator[None]:
+    """Run a block of collectives that torch issues itself (a ``DistributedDataParallel`` step) as one of ours.
+
+    Entering the block counts as a collective entered; a collective timeout inside it becomes
+    :class:`DistributedTimeout` naming the ranks that entered fewer collectives (with
+    :func:`count_gradient_all_reduces`, each gradient bucket's all-reduce counts too). ``what`` names
+    the collectives in the message. Nothing happens without a process group.
+    """
+    if not is_distributed():
+        yield
+        return
+    store = _enter()
+    try:
+        yield
+    except RuntimeError as exc:
+        if not _is_timeout(exc):
             raise
-        missing = _ranks_behind(store, _entered)
-        who = f"rank(s) {', '.join(map(str, missing))} did not" if missing else "another rank did not"
-        raise DistributedTimeout(
-            f"rank {rank}: {who} reach {what} within train.dist_timeout={_timeout_s:g}s (stalled or stopped); "
-            "stopping. Check that process, or raise train.dist_timeout for slow steps."
-        ) from None
+        raise _timeout_error(what, store) from None
+
+
+def count_gradient_all_reduces(model: nn.parallel.DistributedDataParallel) -> None:
+    """Count each gradient-bucket all-reduce of ``model`` as a collective entered (DDP's communication hook).
+
+    The all-reduce itself is torch's default one (``allreduce_hook``: gradients averaged over ranks);
+    recording it lets a rank that times out inside :func:`bounded` name the ranks that stopped
+    before their backward pass reached it.
+    """
+
+    # Unannotated: DDP checks a hook's annotations as objects, and this module's are strings.
+    def counted_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+        _enter()
+        return default_hooks.allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, counted_allreduce)
 
 
 def _ranks_behind(store: Any, entered: int) -> list[int]:
@@ -110,6 +166,8 @@ def _ranks_behind(store: Any, entered: int) -> list[int]:
     store.set_timeout(datetime.timedelta(seconds=5))
     behind = []
     for r in range(get_world_size()):
+        if r == get_rank():
+            continue
         try:
             if int(store.get(f"detection/entered/{r}")) < entered:
                 behind.append(r)

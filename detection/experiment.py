@@ -18,6 +18,7 @@ from torch import nn
 from . import distributed as dist
 from .archs import arch_spec
 from .config import ConfigError, ExperimentConfig, dump_config
+from .io import make_output_dir
 
 __all__ = ["Run", "TrainBatches", "build_datasets", "data_paths", "select_device", "train_loader"]
 
@@ -56,7 +57,7 @@ class Run:
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
         if self.main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            make_output_dir(self.output_dir)
             dump_config(cfg, self.output_dir / "config.yaml")
 
     def _apply_process_settings(self) -> None:
@@ -116,7 +117,9 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
     """``(train_set, val_set)``: ``CocoDetection`` datasets (``None`` where not needed or not configured).
 
     ``categories`` (a ``CategoryMapping``, e.g. from a checkpoint) fixes the label of each category;
-    otherwise the training set's annotation file defines it, and the validation set follows it.
+    otherwise the training set's annotation file defines it, and the validation set follows it. When
+    evaluation scores ``segm``, the validation file's segmentations are checked as the training file's
+    are (``data.on_bad_annotation``), though the validation targets carry no masks.
     """
     from .data import CocoDetection, build_transforms
 
@@ -133,8 +136,9 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
         categories = train_set.categories
     val_set = None
     if paths.get("val_ann") is not None:
+        scores_masks = "segm" in cfg.eval.resolved_iou_types(cfg.model.arch)  # COCOeval decodes the file's masks
         val_set = CocoDetection(paths["val_ann"], paths["val_img"], train=False, with_masks=False,
-                                category_mapping=categories, **checks)
+                                check_masks=scores_masks, category_mapping=categories, **checks)
     return train_set, val_set
 
 

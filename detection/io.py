@@ -7,7 +7,8 @@ minus the process umask, so every output gets the same permissions as a plain ``
 
 A write that fails for a reason that is the user's to fix (a full disk, a quota, a read-only or
 permission-denied folder) raises :class:`OutputWriteError` naming the path, and for a full disk how
-many bytes had been written when the space ran out.
+many bytes had been written when the space ran out. An output folder is created through
+:func:`make_output_dir`, whose :class:`OutputWriteError` says why the folder cannot be created.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_json",
     "atomic_write_text",
+    "make_output_dir",
+    "output_dir_error",
 ]
 
 #: Suffix of the temporary files (``.<name>.<random>.tmp``) that a killed writer can leave behind.
@@ -65,6 +68,39 @@ def _write_error(exc: OSError, path: Path, written: int) -> OutputWriteError | N
             str(path),
         )
     return None
+
+
+def output_dir_error(folder: str | os.PathLike[str], exc: OSError) -> OutputWriteError:
+    """The :class:`OutputWriteError` for ``exc``, raised while creating the output folder ``folder``."""
+    failed = Path(exc.filename) if exc.filename else Path(folder)
+    if exc.errno == errno.ENOENT:  # with parents=True: the parent exists but its file system refuses
+        reason = f"{failed.parent} does not accept new folders ({exc.strerror})"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):  # the folder, or a folder above it, is a file
+        blocker = next((p for p in (failed, *failed.parents) if p.exists()), failed)
+        reason = f"{blocker} is a file, not a folder"
+    else:
+        reason = str(exc.strerror) + ("" if failed == Path(folder) else f" at {failed}")
+    return OutputWriteError(
+        exc.errno,
+        f"cannot create output folder {folder}: {reason}; choose a writable --output-dir "
+        "(or output_dir in the config)",
+        str(folder),
+    )
+
+
+def make_output_dir(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` and its parents (nothing to do when it exists); returns it as a ``Path``.
+
+    Raises:
+        OutputWriteError: it cannot be created (a file system that refuses new folders, such as
+            ``/proc``, no permission, read-only, a file in the way, no space); the message says why.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_dir_error(folder, exc) from exc
+    return folder
 
 
 class _CountingWriter:
@@ -105,8 +141,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         raise ValueError(f"atomic_open writes only ('w' or 'wb'), got mode {mode!r}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+    make_output_dir(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise _write_error(exc, path, 0) or exc from exc

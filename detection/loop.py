@@ -123,6 +123,8 @@ class TrainLoop:
         self.checkpointer = Checkpointer(run.output_dir, keep_last=t.keep_last)
         self.progress = ProgressLogger(self.max_iters, state.iteration, run.device, t.batch_size * run.world, enabled=run.main)
         self.no_sync = getattr(model, "no_sync", None)
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # a stalled rank is named, see iteration()
+            dist.count_gradient_all_reduces(model)
         self.micro_step = 0  # position in the gradient accumulation
         self.window: dict[str, list[float]] = {}  # finite losses since the last report, averaged when logged
         self.window_skipped = 0  # skipped steps since the last report
@@ -170,11 +172,13 @@ class TrainLoop:
         t, s = self.run.cfg.train, self.state
         if images:
             imgs, tgts = to_device(images, targets, self.run.device)
-            result = train_step(
-                self.model, imgs, tgts, optimizer=s.optimizer, scaler=s.scaler, precision=self.precision,
-                accumulate_steps=t.accumulate_grad_steps, micro_step=self.micro_step, clip_grad_norm=t.clip_grad_norm,
-                all_ranks_finite=lambda ok: not dist.any_rank(not ok, self.run.device), no_sync=self.no_sync,
-            )
+            with dist.bounded(f"DDP's gradient all-reduce or buffer broadcast (iteration {s.iteration + 1})"):
+                result = train_step(
+                    self.model, imgs, tgts, optimizer=s.optimizer, scaler=s.scaler, precision=self.precision,
+                    accumulate_steps=t.accumulate_grad_steps, micro_step=self.micro_step,
+                    clip_grad_norm=t.clip_grad_norm, no_sync=self.no_sync,
+                    all_ranks_finite=lambda ok: not dist.any_rank(not ok, self.run.device),
+                )
             self.micro_step = (self.micro_step + 1) % t.accumulate_grad_steps
             if result.finite:
                 s.bad_steps = 0

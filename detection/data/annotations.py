@@ -233,8 +233,9 @@ def build_records(
     filter_empty: bool,
     with_masks: bool,
     on_bad_annotation: Literal["error", "skip"] = "error",
-) -> tuple[list[ImageRecord], list[str]]:
-    """Records of every image sorted by id, and one-line reports of the dropped annotations (by id).
+) -> tuple[list[ImageRecord], list[str], set[int]]:
+    """Records of every image sorted by id, one-line reports of the dropped annotations (by id), and the
+    ids of the annotations dropped for an invalid segmentation.
 
     ``train`` drops crowd annotations and, with ``filter_empty``, images left without annotations. Boxes
     narrower or shorter than 1 px after clipping are dropped with their annotation. With ``with_masks``
@@ -280,7 +281,7 @@ def build_records(
             f"(data.on_bad_annotation: skip): ids {listed(list(bad_masks))}; first: annotation "
             f"{next(iter(bad_masks))} {next(iter(bad_masks.values()))}"
         )
-    return records, reports
+    return records, reports, set(bad_masks)
 
 
 def listed(ids: Sequence[Any], first: int = _LIST_FIRST) -> str:

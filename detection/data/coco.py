@@ -93,6 +93,9 @@ class CocoDetection(torch.utils.data.Dataset):
             degenerate ones, or none). ``False`` keeps them as negatives with empty targets. Ignored (all
             images kept) when ``train=False``.
         with_masks: decode instance masks into ``target["masks"]`` (Mask R-CNN); ``False`` for Faster R-CNN.
+        check_masks: check every segmentation when the dataset is built (see ``on_bad_annotation``);
+            ``None`` follows ``with_masks``. ``True`` with ``with_masks=False`` suits a validation set whose
+            masks are scored (segm evaluation reads them from :attr:`coco`) but not decoded into targets.
         on_bad_image: every image file's existence is checked when the dataset is built (one folder listing):
             ``"error"`` raises ``DatasetError`` listing the missing files, ``"skip"`` leaves their images out
             with one warning. A file that exists but cannot be decoded is met when loaded: ``"error"``
@@ -104,12 +107,14 @@ class CocoDetection(torch.utils.data.Dataset):
         on_bad_annotation: ``"error"`` (default) raises ``DatasetError`` for an invalid segmentation (an RLE
             whose counts do not decode or do not sum to H×W, a polygon with fewer than 3 points, an odd
             length or a non-finite coordinate), naming the file, annotation and image; ``"skip"`` drops such
-            annotations and lists them in one warning. Checked only with ``with_masks``.
+            annotations (from the targets and from :attr:`coco`) and lists them in one warning. Checked
+            only with ``check_masks``.
         allow_paths_outside_img_dir: accept ``file_name`` values that resolve outside ``img_dir``
             (``../x.jpg``, absolute paths); by default they are refused.
 
     Attributes:
-        coco: the ``pycocotools.coco.COCO`` ground truth built from the file (not modified).
+        coco: the ``pycocotools.coco.COCO`` ground truth built from the file, less the annotations that
+            ``on_bad_annotation="skip"`` dropped.
         categories: the :class:`CategoryMapping`.
         ids: image ids in index order (sorted by id).
 
@@ -131,6 +136,7 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Transforms | None = None,
         filter_empty: bool = True,
         with_masks: bool = True,
+        check_masks: bool | None = None,
         on_bad_image: Literal["error", "skip"] = "error",
         category_mapping: CategoryMapping | None = None,
         on_bad_annotation: Literal["error", "skip"] = "error",
@@ -152,18 +158,21 @@ class CocoDetection(torch.utils.data.Dataset):
             raise FileNotFoundError(
                 f"image folder not found: {self.img_dir} (images of {self.ann_file} are read from it)"
             )
-        check_entries(self.ann_file, data, with_masks)
+        check_masks = with_masks if check_masks is None else check_masks
+        check_entries(self.ann_file, data, check_masks)
         self.categories: CategoryMapping = self._category_mapping(data, category_mapping)
-        self.coco = make_coco(data)
-        self._records, dropped_reports = build_records(
+        self._records, dropped_reports, invalid = build_records(
             self.ann_file,
             data,
             self.categories,
             train=train,
             filter_empty=filter_empty,
-            with_masks=with_masks,
+            with_masks=check_masks,
             on_bad_annotation=on_bad_annotation,
         )
+        if invalid:  # skipped: gone from the ground truth too, where segm evaluation would decode them
+            data = {**data, "annotations": [a for a in data["annotations"] if a["id"] not in invalid]}
+        self.coco = make_coco(data)
         if not self._records:
             raise DatasetError(f"{self.ann_file}: no usable images{_why_empty(train, filter_empty)}")
         self._records = self._with_image_files(self._records, allow_paths_outside_img_dir, dropped_reports)

@@ -74,3 +74,71 @@ def test_a_stopped_rank_makes_the_others_stop_within_dist_timeout_naming_it(tmp_
     assert 15 <= float(seconds) < 60
     assert message.startswith("rank 0: rank(s) 1 did not reach all_reduce (finite-step check) within "
                               "train.dist_timeout=20s"), message
+
+
+DDP_STALL_SCRIPT = """
+import importlib.util, os, signal, sys, time
+from pathlib import Path
+import torch
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+folder, stop_at, tool = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+argv = sys.argv[4:]
+spec = importlib.util.spec_from_file_location("train_det", tool)
+train_det = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_det)
+forwards = 0
+
+
+def stop(grad):
+    (folder / "stopped").write_text(f"{os.getpid()} {time.time()}")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return grad
+
+
+def stop_in_backward(module, args, output):
+    # Rank 1 stops when the backward pass of training forward `stop_at` starts: past every collective
+    # of the step before it (the finite-loss check included), before its first gradient all-reduce.
+    global forwards
+    if isinstance(module, GeneralizedRCNN) and module.training:
+        forwards += 1
+        if forwards == stop_at:
+            for loss in output.values():
+                loss.register_hook(stop)
+
+
+if int(os.environ["RANK"]) == 1:
+    torch.nn.modules.module.register_module_forward_hook(stop_in_backward)
+    train_det.main(argv)
+    sys.exit(0)
+try:
+    code = train_det.main(argv)
+except BaseException as exc:
+    code = type(exc).__name__
+pid, stopped_at = (folder / "stopped").read_text().split() if (folder / "stopped").exists() else (0, time.time())
+(folder / "rank0").write_text(f"{code} {time.time() - float(stopped_at):.1f}")
+if int(pid):
+    os.kill(int(pid), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_stopped_in_the_gradient_all_reduce_is_named_within_dist_timeout(tmp_path):
+    script = tmp_path / "ddp_stall.py"
+    script.write_text(DDP_STALL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = ["--config", str(SMOKE), "--output-dir", str(tmp_path / "run"), "--set",
+            f"data.shapes.cache_dir={tmp_path / 'shapes'}", "data.shapes.num_val=0", "train.max_iters=4",
+            "train.checkpoint_period=0", "train.dist_timeout=10"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path), "2", str(REPO / "tools" / "train_det.py"), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    log = proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "stopped").is_file() and (tmp_path / "rank0").is_file(), log
+    code, seconds = (tmp_path / "rank0").read_text().split()
+    assert code == "2", log  # the exit-code table: a distributed timeout is exit 2, like other stops to fix
+    assert 10 <= float(seconds) < 30, log
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: rank 0: rank(s) 1 did not reach DDP's gradient all-reduce or buffer broadcast "
+                      "(iteration 2) within train.dist_timeout=10s (stalled or stopped); stopping. Check that "
+                      "process, or raise train.dist_timeout for slow steps."], log

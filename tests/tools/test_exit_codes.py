@@ -172,3 +172,80 @@ def test_resume_from_a_file_that_is_no_checkpoint(load_tool, capsys, tmp_path, t
     line = _one_line_error(capsys)
     assert code == 2
     assert str(bogus) in line
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A state dict of the tiny_cpu detector (untrained, 3 classes + background), for eval_det and infer_det."""
+    import torch
+
+    from detection.config import load_config
+    from detection.trainer import build_model
+
+    path = tmp_path_factory.mktemp("weights") / "model.pth"
+    torch.save(build_model(load_config(TINY, []), num_classes=4).state_dict(), path)
+    return path
+
+
+def _tool_argv(tool, out, tmp_path, coco128, weights):
+    """Arguments that get ``tool`` as far as creating its output folder ``out``."""
+    ann = coco128 / "annotations" / "instances.json"
+    image = sorted((coco128 / "images").iterdir())[0]
+    if tool == "train_det":
+        return ["--config", TINY, "--set", f"data.shapes.cache_dir={tmp_path / 'shapes'}", "train.max_iters=1",
+                "--output-dir", str(out)]
+    if tool == "eval_det":
+        return ["--config", TINY, "--weights", str(weights), "--output-dir", str(out)]
+    if tool == "eval_det --results":
+        results = tmp_path / "results.json"
+        results.write_text(json.dumps([{"image_id": int(image.stem), "category_id": 1, "bbox": [1, 2, 3, 4],
+                                        "score": 0.9}]))
+        return ["--results", str(results), "--ann", str(ann), "--only-result-images", "--output-dir", str(out)]
+    return ["--config", TINY, "--weights", str(weights), "--input", str(image), "--output-dir", str(out)]
+
+
+TOOLS = ["train_det", "eval_det", "eval_det --results", "infer_det"]
+WHAT_TO_CHANGE = "; choose a writable --output-dir (or output_dir in the config)"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("tool", TOOLS)
+def test_output_folder_that_cannot_be_created_says_why_and_what_to_change(load_tool, coco128, tiny_weights, capsys,
+                                                                          tmp_path, tool):
+    argv = _tool_argv(tool, "/proc/run/x", tmp_path, coco128, tiny_weights)
+    assert load_tool(tool.split()[0]).main(argv) == 2
+    assert _one_line_error(capsys, after_log=True) == (
+        "error: cannot create output folder /proc/run/x: /proc does not accept new folders (No such file or "
+        "directory)" + WHAT_TO_CHANGE
+    )
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_file_in_the_way_of_the_output_folder(load_tool, coco128, tiny_weights, capsys, tmp_path, tool):
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / "run"
+    assert load_tool(tool.split()[0]).main(_tool_argv(tool, out, tmp_path, coco128, tiny_weights)) == 2
+    line = _one_line_error(capsys, after_log=True)
+    assert line == f"error: cannot create output folder {out}: {tmp_path / 'taken'} is a file, not a folder" + WHAT_TO_CHANGE
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_read_only_folders(load_tool, coco128, tiny_weights, capsys, tmp_path, tool):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.access(locked, os.W_OK):
+        pytest.skip("chmod does not deny this user (root with CAP_DAC_OVERRIDE)")
+    main = load_tool(tool.split()[0]).main
+    out = locked / "run"  # to be created in a read-only folder
+    assert main(_tool_argv(tool, out, tmp_path, coco128, tiny_weights)) == 2
+    assert _one_line_error(capsys, after_log=True) == (
+        f"error: cannot create output folder {out}: Permission denied" + WHAT_TO_CHANGE
+    )
+    assert main(_tool_argv(tool, locked, tmp_path, coco128, tiny_weights)) == 2  # a read-only output folder
+    line = _one_line_error(capsys, after_log=True)
+    assert f"{locked}/" in line and "Permission denied" in line and "choose a writable" in line, line
+
+
+def test_print_config_creates_no_output_folder(load_tool, capsys):
+    assert load_tool("print_config").main(["--config", TINY, "--set", "output_dir=/proc/run/x"]) == 0
+    assert "output_dir: /proc/run/x" in capsys.readouterr().out
