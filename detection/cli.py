@@ -55,10 +55,8 @@ DEBUG_ENV = "DETECTION_DEBUG"
 # OSError numbers that mean the user's disk or folder, not our code: reported as bad input.
 _USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
 
-# Set by ``--debug`` and ``--output-dir`` while the tool parses its arguments (before run_main), read
-# once by run_main.
+# Set by ``--debug`` while the tool parses its arguments (before run_main), read once by run_main.
 _debug_requested = False
-_output_dir_requested: str | None = None
 
 
 class _DebugAction(argparse.Action):
@@ -70,14 +68,6 @@ class _DebugAction(argparse.Action):
         global _debug_requested
         _debug_requested = True
         setattr(namespace, self.dest, True)
-
-
-class _OutputDirAction(argparse.Action):
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        global _output_dir_requested
-        _output_dir_requested = values
-        setattr(namespace, self.dest, values)
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +84,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, required: bool = Tr
         "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
         help="override dotted config keys, values read as YAML (e.g. train.max_iters=100 model.backbone.name=resnet18)",
     )
-    parser.add_argument("--output-dir", metavar="DIR", action=_OutputDirAction,
+    parser.add_argument("--output-dir", metavar="DIR",
                         help="output folder (default: output_dir from the config)")
     add_debug_argument(parser)
 
@@ -144,31 +134,13 @@ def _debug_enabled() -> bool:
     return requested or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _requested_output_dir() -> str | None:
-    global _output_dir_requested
-    folder, _output_dir_requested = _output_dir_requested, None
-    return folder
-
-
-def _as_output_dir_error(exc: BaseException, folder: str | None) -> BaseException:
-    """``exc`` as the error of creating ``--output-dir`` when it is an ``OSError`` on that folder or above it
-    (a tool that calls ``mkdir`` itself); otherwise ``exc`` unchanged."""
-    from .io import OutputWriteError, output_dir_error
-
-    if folder is None or not isinstance(exc, OSError) or isinstance(exc, OutputWriteError) or not exc.filename:
-        return exc
-    failed, target = os.path.abspath(exc.filename), os.path.abspath(folder)
-    inside = target == failed or target.startswith(failed.rstrip(os.sep) + os.sep)
-    return output_dir_error(folder, exc) if inside else exc
-
-
 def run_main(body: Callable[[], int]) -> int:
     """Run a tool's body and return its exit code from the table in this module's docstring.
 
     User errors print ``error: <message>`` as one line on stderr (plus the traceback under ``--debug``
     or ``DETECTION_DEBUG=1``) and return 2; a divergence stop returns 1; Ctrl-C returns 130.
     """
-    debug, output_dir = _debug_enabled(), _requested_output_dir()
+    debug = _debug_enabled()
     try:
         return body()
     except KeyboardInterrupt as exc:
@@ -178,7 +150,7 @@ def run_main(body: Callable[[], int]) -> int:
         code = EXIT_DIVERGED
         error: BaseException = exc
     except Exception as exc:
-        error = _as_output_dir_error(exc, output_dir)
+        error = exc
         if not _is_user_error(error):
             raise
         code = EXIT_USER_ERROR

@@ -22,6 +22,7 @@ from pathlib import Path
 from detection.archs import IOU_TYPES
 from detection.cli import add_config_arguments, config_from_args, run_main
 from detection.coco_eval import BACKENDS
+from detection.io import make_output_dir
 from detection.precision import PRECISIONS, short_name
 
 _PRECISION_FLAGS = list(dict.fromkeys(short_name(dtype) for dtype in PRECISIONS.values()))  # fp32, fp16, bf16
@@ -98,7 +99,7 @@ def _score_results(args: argparse.Namespace) -> int:
         image_ids = _scored_images(args, gt, results)
         metrics = evaluate_coco_results(gt, results, iou_types, backend=backend, image_ids=image_ids)
     out = Path(args.output_dir) if args.output_dir else _default_output_dir(Path(args.results))
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     write_metrics(out / "metrics.json", metrics)
     where = "" if args.output_dir else " (no --output-dir: a folder next to the results file)"
     print(f"wrote {out / 'metrics.json'}{where}")

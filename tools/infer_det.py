@@ -28,6 +28,7 @@ from typing import Any, get_args, get_type_hints
 
 from detection.cli import add_config_arguments, config_from_args, run_main
 from detection.config import DataConfig
+from detection.io import make_output_dir
 from detection.precision import PRECISIONS, short_name
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -123,7 +124,7 @@ def _infer(args: argparse.Namespace) -> int:
     run = _load(args)  # first: a config mistake is reported before any image is looked at
     files = _image_ids(_input_files(Path(args.input)), args.ann)
     out_dir = Path(args.output_dir or Path(run.config.output_dir) / "infer")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     results: list[dict] = []
     images: list[dict] = []
     try:
