@@ -53,14 +53,15 @@ class ModelEma:
     Args:
         model: the model being trained, unwrapped (not its ``DistributedDataParallel`` wrapper); the
             copy is made on its device and in its memory format (channels-last stays channels-last).
-        decay: the weight of the old average once the warm-up is over, in (0, 1).
-        warmup_steps: time constant of the decay warm-up in updates (see :func:`ema_decay`); 0 for none.
+        decay: the weight of the old average once the warm-up is over, in (0, 1) (``train.ema.decay``).
+        warmup_steps: time constant of the decay warm-up in updates (see :func:`ema_decay`); 0 for none
+            (``train.ema.warmup_steps``).
 
     Attributes:
         module: the averaged detector, in eval mode, without gradients; evaluate it like the model.
     """
 
-    def __init__(self, model: nn.Module, *, decay: float = 0.9998, warmup_steps: int = 2000) -> None:
+    def __init__(self, model: nn.Module, *, decay: float, warmup_steps: int) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1); got {decay}")
         if warmup_steps < 0:

@@ -65,9 +65,9 @@ def test_updates_follow_the_recursion_with_the_warm_up():
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=re.escape("EMA decay must be in (0, 1); got 1.0")):
-        ModelEma(nn.Linear(1, 1), decay=1.0)
+        ModelEma(nn.Linear(1, 1), decay=1.0, warmup_steps=0)
     with pytest.raises(ValueError, match=re.escape("EMA warmup_steps must be >= 0; got -1")):
-        ModelEma(nn.Linear(1, 1), warmup_steps=-1)
+        ModelEma(nn.Linear(1, 1), decay=0.9, warmup_steps=-1)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -119,7 +119,7 @@ def test_state_dict_round_trip_continues_identically():
 def test_channels_last_and_bf16_autocast_keep_the_average_in_float32_and_its_layout():
     torch.manual_seed(0)
     model = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
-    plain, under_autocast = ModelEma(model, warmup_steps=0), ModelEma(model, warmup_steps=0)
+    plain, under_autocast = (ModelEma(model, decay=0.9, warmup_steps=0) for _ in range(2))
     for _ in range(3):
         with torch.no_grad():
             model.weight.add_(torch.randn_like(model.weight))
