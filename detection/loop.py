@@ -1,8 +1,8 @@
 """The training loop: iterations, logging, periodic checkpoints and evaluation, Ctrl-C.
 
 :class:`TrainState` holds the stateful parts of a training (model, optimizer, scheduler, grad
-scaler, data position); its ``state_dict`` is their union, and a checkpoint is that plus the RNG
-states, the config and the categories (:meth:`TrainLoop.snapshot`).
+scaler, data position, optional weight EMA); its ``state_dict`` is their union, and a checkpoint is
+that plus the RNG states, the config and the categories (:meth:`TrainLoop.snapshot`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ from torch import nn
 from . import distributed as dist
 from .budget import IterationPlan
 from .checkpoint import Checkpointer, capture_rng_state, restore_rng_state
+from .ema import ModelEma
 from .engine import NonFiniteLossError, describe_bad_step, non_finite_tensors, to_device, train_step
 from .experiment import Run, TrainBatches
 from .logger import JsonlWriter, ProgressLogger
 from .precision import PrecisionPolicy
 
-__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted", "improved"]
+__all__ = ["TrainLoop", "TrainState", "TrainingInterrupted", "improved", "scaler_skipped"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -40,13 +41,21 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainState:
-    """Everything that changes while training and is restored on resume."""
+    """Everything that changes while training and is restored on resume.
+
+    With an EMA (``ema``), :meth:`evaluation_model` is the average when ``evaluate_ema`` (else the
+    trained model), and the checkpoint's ``model`` entry holds its weights: what evaluation,
+    ``eval_det`` and :func:`detection.load_run` use. ``raw_model`` then holds the trained weights and
+    ``ema`` the average with its update count (``{"model", "updates"}``), so a resume is exact.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     batches: TrainBatches
+    ema: ModelEma | None = None
+    evaluate_ema: bool = True
     iteration: int = 0
     best_metric: float = -math.inf
     bad_steps: int = 0  # consecutive skipped (non-finite) steps
@@ -59,18 +68,36 @@ class TrainState:
         """The planned training length under a time budget (the cap until it is planned), else ``None``."""
         return self.plan.max_iters if self.plan is not None else None
 
+    def evaluation_model(self) -> nn.Module:
+        """The model that evaluation uses and the checkpoint's ``model`` entry stores."""
+        return self.ema.module if self.ema is not None and self.evaluate_ema else self.model
+
+    def weights_changed(self) -> None:
+        """After an optimizer step that changed the weights: update the EMA."""
+        if self.ema is not None:
+            self.ema.update(self.model)
+
     def state_dict(self) -> dict[str, Any]:
         position = self.batches.state_dict()
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self._weights(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "sampler": position,
             "iteration": self.iteration, "epoch": position["epoch"], "best_metric": self.best_metric,
             "bad_steps": {"consecutive": self.bad_steps, "total": self.skipped_steps, "first": self.first_bad_step},
             "plan": self.plan.state_dict() if self.plan is not None else None,
         }
 
+    def _weights(self) -> dict[str, Any]:
+        # The tensors of "model" are those of "raw_model" or "ema": torch.save writes each storage once.
+        raw = self.model.state_dict()
+        if self.ema is None:
+            return {"model": raw}
+        ema = self.ema.state_dict()
+        return {"model": ema["model"] if self.evaluate_ema else raw, "raw_model": raw, "ema": ema}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("raw_model", state["model"]))
+        self._load_ema(state.get("ema"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -84,6 +111,17 @@ class TrainState:
             self.plan.load_state_dict(state["plan"])
         self.batches.load_state_dict(state.get("sampler") or self.batches.position_at(self.iteration))
 
+    def _load_ema(self, saved: Mapping[str, Any] | None) -> None:
+        if self.ema is not None and saved:
+            self.ema.load_state_dict(saved)
+        elif self.ema is not None:
+            warnings.warn("the checkpoint holds no weight EMA (train.ema was off); the EMA starts from its "
+                          "weights now", stacklevel=3)
+            self.ema.reset(self.model)
+        elif saved:
+            warnings.warn("train.ema.enabled is false: the checkpoint's weight EMA is dropped and training "
+                          "continues from its trained (raw) weights", stacklevel=3)
+
 
 def restore_rng(run: Run, rng: list[dict[str, Any]] | None) -> None:
     """Restore this rank's RNG states from a checkpoint's ``rng`` list (one entry per process)."""
@@ -93,6 +131,12 @@ def restore_rng(run: Run, rng: list[dict[str, Any]] | None) -> None:
         warnings.warn(f"checkpoint was saved with {len(rng)} process(es), this run has {run.world}; "
                       "random streams restart from rank 0's state", stacklevel=2)
         restore_rng_state(rng[0])
+
+
+def scaler_skipped(scaler: torch.amp.GradScaler, scale_before: float | None) -> bool:
+    """Whether a float16 ``GradScaler`` skipped the optimizer step it was just given (an overflow lowers
+    its scale, which ``scale_before`` read before the step); ``False`` when no scale was read."""
+    return scale_before is not None and scaler.get_scale() < scale_before
 
 
 def improved(score: float | None, best: float) -> bool:
@@ -172,6 +216,7 @@ class TrainLoop:
         t, s = self.run.cfg.train, self.state
         if images:
             imgs, tgts = to_device(images, targets, self.run.device)
+            scale = s.scaler.get_scale() if s.ema is not None and s.scaler.is_enabled() else None
             with dist.bounded(f"DDP's gradient all-reduce or buffer broadcast (iteration {s.iteration + 1})"):
                 result = train_step(
                     self.model, imgs, tgts, optimizer=s.optimizer, scaler=s.scaler, precision=self.precision,
@@ -180,6 +225,8 @@ class TrainLoop:
                     all_ranks_finite=lambda ok: not dist.any_rank(not ok, self.run.device),
                 )
             self.micro_step = (self.micro_step + 1) % t.accumulate_grad_steps
+            if result.stepped and not scaler_skipped(s.scaler, scale):
+                s.weights_changed()
             if result.finite:
                 s.bad_steps = 0
                 for k, v in result.losses.items():
@@ -249,7 +296,7 @@ class TrainLoop:
         """Evaluate; a bbox AP that improved on the best so far is saved as ``model_best.pth``."""
         self.progress.newline()
         it = self.state.iteration
-        metrics = self.evaluate(self.model, it)
+        metrics = self.evaluate(self.state.evaluation_model(), it)
         if self.jsonl is not None:
             self.jsonl.write({"type": "eval", "iteration": it, **metrics})
         score = dist.all_gather_object(metrics.get("bbox/AP"))[0]  # rank 0 holds the metrics
@@ -272,14 +319,16 @@ class TrainLoop:
         return {**self.state.state_dict(), "rng": rngs, **self.extras}
 
     def check_weights(self) -> None:
-        """Raise :class:`NonFiniteLossError` when a weight or buffer of the model is NaN or inf."""
-        bad = non_finite_tensors(self.state.model)
+        """Raise :class:`NonFiniteLossError` when a weight or buffer of the model (or of its EMA) is NaN or inf."""
+        s = self.state
+        models = {"": s.model, **({"EMA ": s.ema.module} if s.ema is not None else {})}
+        bad = [prefix + name for prefix, m in models.items() for name in non_finite_tensors(m)]
         if bad:
-            s = self.state
+            total = sum(len(m.state_dict()) for m in models.values())
             first = f"first bad step: {s.first_bad_step}" if s.first_bad_step else "no step had a non-finite loss or gradient"
             raise NonFiniteLossError(
-                f"the model diverged: {len(bad)} of {len(s.model.state_dict())} weight tensors are non-finite "
-                f"(e.g. {bad[0]}) at iteration {s.iteration}; nothing saved from them; {first}. "
+                f"the model diverged: {len(bad)} of {total} weight tensors{' (model and EMA)' if s.ema is not None else ''} are "
+                f"non-finite (e.g. {bad[0]}) at iteration {s.iteration}; nothing saved from them; {first}. "
                 "Lower train.optimizer.lr or enable train.clip_grad_norm."
             )
 

@@ -30,6 +30,7 @@ from . import distributed as dist
 from .budget import IterationPlan
 from .checkpoint import Checkpointer, load_checkpoint
 from .config import ConfigError, ExperimentConfig, config_to_dict, diff_configs
+from .ema import ModelEma
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
 from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
 from .loop import TrainingInterrupted, TrainLoop, TrainState, improved, restore_rng
@@ -68,7 +69,7 @@ def train(
         cfg: the resolved experiment config.
         output_dir: where everything is written (default ``cfg.output_dir``).
         resume: ``True`` to continue from the output folder's newest checkpoint, or a checkpoint path.
-            Model, optimizer, scheduler, scaler, data position, iteration and RNG states are restored,
+            Model, optimizer, scheduler, scaler, weight EMA, data position, iteration and RNG states are restored,
             so the run continues exactly; a checkpoint whose ``model`` config differs is refused.
         weights: initial model weights (a detector state dict file, ours or torchvision's).
         log: where progress text goes (rank 0 only).
@@ -113,6 +114,7 @@ def _train(run: Run, resume: str | os.PathLike[str] | bool | None, weights: str 
         f"training {cfg.model.arch} on {cfg.model.backbone.name}: {len(train_set)} images, {num_classes - 1} classes, "
         f"{run.world} process(es) x {cfg.train.batch_size} images, {length} "
         f"({batches.per_epoch} per epoch), device {run.device}, {precision.describe()}"
+        + (f", {state.ema.describe()}, evaluating {cfg.train.ema.evaluate}" if state.ema is not None else "")
     )
     run.log(summarize(model))
 
@@ -211,9 +213,9 @@ def _training_model(run: Run, num_classes: int, weights: str | os.PathLike[str] 
 
 
 def _train_state(run: Run, model: nn.Module, batches: TrainBatches, precision: PrecisionPolicy, max_iters: int) -> TrainState:
-    """Optimizer, lr schedule, grad scaler and time-budget plan around ``model``, at iteration 0.
-
-    Under ``train.time_budget`` the schedule follows the planned length (``max_iters`` until it is planned).
+    """Optimizer, lr schedule, grad scaler, time-budget plan and (``train.ema``) weight EMA around ``model``,
+    at iteration 0. Under ``train.time_budget`` the schedule follows the planned length (``max_iters`` until
+    it is planned).
     """
     t = run.cfg.train
     optimizer = build_optimizer(model, t.optimizer, t.optimizer.scaled_lr(t.batch_size, run.world))
@@ -223,7 +225,10 @@ def _train_state(run: Run, model: nn.Module, batches: TrainBatches, precision: P
         run.log(warning)
     length = (lambda: plan.max_iters) if plan is not None else max_iters
     scheduler = build_scheduler(optimizer, schedule, length, batches.per_epoch)
-    return TrainState(model, optimizer, scheduler, precision.grad_scaler(), batches, plan=plan)
+    # Made before the DDP wrapper and updated from the unwrapped model, so the average has the detector's own keys.
+    ema = ModelEma(model, decay=t.ema.decay, warmup_steps=t.ema.warmup_steps) if t.ema.enabled else None
+    return TrainState(model, optimizer, scheduler, precision.grad_scaler(), batches, plan=plan, ema=ema,
+                      evaluate_ema=t.ema.evaluate == "ema")
 
 
 def _distributed(run: Run, model: nn.Module) -> nn.Module:
@@ -249,7 +254,7 @@ def _final_checkpoint_and_evaluation(run: Run, loop: TrainLoop, val_set: Any, la
     if val_set is None:
         run.log("no validation set configured (data.val.ann_file); skipping evaluation")
         return {}
-    metrics = evaluate(run, loop.model, val_set, label_to_cat_id, tag="final", write_outputs=True)
+    metrics = evaluate(run, state.evaluation_model(), val_set, label_to_cat_id, tag="final", write_outputs=True)
     if loop.jsonl is not None:
         loop.jsonl.write({"type": "eval", "iteration": state.iteration, **metrics})
     if run.main and improved(metrics.get("bbox/AP"), state.best_metric):

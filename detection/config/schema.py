@@ -5,7 +5,7 @@
     ExperimentConfig
       model: ModelConfig        (model.backbone: backbone.BackboneConfig, model.head: HeadConfig)
       data:  DataConfig         (data.train: TrainDatasetConfig, data.val: DatasetConfig, data.shapes: ShapesConfig)
-      train: TrainConfig        (train.optimizer, train.schedule, train.amp)
+      train: TrainConfig        (train.optimizer, train.schedule, train.amp, train.ema)
       eval:  EvalConfig
       output_dir: str
 
@@ -32,6 +32,7 @@ from .head import HeadConfig
 __all__ = [
     "AmpConfig",
     "ArchName",
+    "EmaConfig",
     "EvalConfig",
     "ExperimentConfig",
     "ModelConfig",
@@ -47,6 +48,7 @@ AmpDtype = Literal[AUTOCAST_DTYPES]  # type: ignore[valid-type]
 EvalBackend = Literal[EVAL_BACKENDS]  # type: ignore[valid-type]
 
 _BELOW_1 = Bound(0, 1, high_open=True)
+_OPEN_UNIT = Bound(0, 1, low_open=True, high_open=True)
 
 
 def _fpn_extra_levels(extra: str) -> int:
@@ -253,6 +255,35 @@ class ScheduleConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmaConfig(Section):
+    """An exponential moving average of the weights (key ``train.ema``; :class:`detection.ema.ModelEma`)."""
+
+    enabled: bool = option(
+        False,
+        doc="keep an exponential moving average of the weights, updated after every optimizer step that "
+        "changed them; checkpoints store it beside the trained weights.",
+    )
+    decay: float = option(
+        0.9998,
+        bound=_OPEN_UNIT,
+        doc="weight of the old average in each update once the warm-up is over (mmdet's momentum 0.0002); "
+        "the average spans about 1 / (1 - decay) optimizer steps.",
+    )
+    warmup_steps: int = option(
+        2000,
+        bound=NON_NEGATIVE,
+        doc="time constant of the decay warm-up, in optimizer steps (skipped steps and accumulation "
+        "micro-steps do not count): update n uses decay * (1 - exp(-n / warmup_steps)), so early "
+        "weights fade fast (mmdet's ExpMomentumEMA, as in YOLOX); 0 uses decay from the start.",
+    )
+    evaluate: Literal["ema", "raw"] = option(
+        "ema",
+        doc="the weights that periodic and final evaluation use and that checkpoints store as 'model' "
+        "(what eval_det and detection.load_run load): ema (the average) or raw (the trained weights).",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig(Section):
     """The training loop."""
 
@@ -286,6 +317,7 @@ class TrainConfig(Section):
         1, bound=COUNT, doc="iterations whose gradients are summed before each optimizer step."
     )
     amp: AmpConfig = option(factory=AmpConfig, doc="mixed precision for training.")
+    ema: EmaConfig = option(factory=EmaConfig, doc="the moving average of the weights.")
     max_bad_steps: int = option(
         5,
         bound=COUNT,
