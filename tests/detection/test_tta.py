@@ -1,5 +1,5 @@
 """Test-time augmentation: identity views reproduce the model, views map back and merge, masks and
-keypoints average across mirrored views, outputs stay float32, every arch runs."""
+keypoints average across mirrored views, outputs stay float32, every arch runs, and eval_det uses it."""
 
 from __future__ import annotations
 
@@ -259,3 +259,19 @@ def test_the_config_declares_eval_tta_and_checks_scales():
     with pytest.raises(ConfigError, match=re.escape("eval.tta.scales must hold positive pixel sizes without repeats, "
                                                     "e.g. [160, 192, 224], or [] for the model's own size; got [0]")):
         load_config(smoke, ["eval.tta.scales=[0]"])
+
+
+def test_eval_only_wraps_the_model_when_eval_tta_asks(tmp_path):
+    from detection.trainer import build_model, evaluate_only
+
+    smoke = REPO / "configs" / "smoke" / "tiny_cpu.yaml"
+    cfg = load_config(smoke, [f"data.shapes.cache_dir={tmp_path / 'shapes'}", "eval.max_images=1",
+                              "eval.num_vis_images=0", "model.backbone.base_channels=16", "model.backbone.gn_groups=16",
+                              "eval.tta.flip=true"])
+    torch.manual_seed(0)
+    torch.save(build_model(cfg, 4).state_dict(), tmp_path / "weights.pth")
+    logged: list[str] = []
+    metrics = evaluate_only(cfg, tmp_path / "weights.pth", output_dir=tmp_path / "eval", log=logged.append)
+    assert "bbox/AP" in metrics and "segm/AP" in metrics
+    assert ("test-time augmentation: 2 views (shorter side 128 px, each also mirrored), merged by per-class NMS "
+            "at IoU 0.5, top 20 per image") in logged
