@@ -55,7 +55,8 @@ COCO_KEYPOINT_FLIP_MAP: tuple[int, ...] = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12,
 
 @dataclass
 class _ViewOutput:
-    """One view's detections for a batch: per image, boxes in the view's pixels and in the original's."""
+    """One view's results for a batch: per image, the boxes in the view's pixels and the detections
+    (boxes in the original image's pixels); the feature maps where a mask or keypoint head reads them."""
 
     image_sizes: list[Size]
     view_boxes: list[Tensor]
@@ -94,10 +95,9 @@ def _check_flip_map(flip_map: Sequence[int], num: int, default: bool) -> None:
 def _view_transform(transform: GeneralizedRCNNTransform, scale: int) -> GeneralizedRCNNTransform:
     """``transform`` resizing to shorter side ``scale``, its longer-side cap scaled alike."""
     min_size = transform.min_size[-1]
-    view = type(transform)(scale, round(transform.max_size * scale / min_size), transform.image_mean,
+    return type(transform)(scale, round(transform.max_size * scale / min_size), transform.image_mean,
                            transform.image_std, size_divisible=transform.size_divisible,
                            fixed_size=transform.fixed_size, _skip_resize=transform._skip_resize)
-    return view
 
 
 class TTADetector(nn.Module):
