@@ -296,7 +296,8 @@ def evaluate_only(
     instead, so a training run's files are never replaced. The folder used is logged.
 
     ``optimize`` (``"fp32"``, ``"bf16"`` or ``"fp16"``) evaluates the model that
-    :func:`detection.optimize_for_inference` returns at that backbone precision.
+    :func:`detection.optimize_for_inference` returns at that backbone precision. ``eval.tta`` (flips,
+    scales) wraps the model that is evaluated in a :class:`detection.tta.TTADetector`.
 
     ``weights`` is one of our checkpoints (its stored category mapping is used) or a torchvision
     detector state dict. A torchvision COCO model predicts original COCO category ids as labels, so
@@ -349,4 +350,4 @@ def _evaluate_only(run: Run, weights: Path, optimize: str | None = None) -> dict
 
         model = optimize_for_inference(model, precision=optimize)  # type: ignore[arg-type]
         run.log(f"fast inference path: BN folded, channels-last backbone, {optimize} backbone/FPN")
-    return evaluate(run, model, val_set, label_to_cat, tag=str(weights), write_outputs=True)
+    return evaluate(run, model, val_set, label_to_cat, tag=str(weights), write_outputs=True, tta=True)

@@ -22,11 +22,12 @@ LabelToCatId = Mapping[int, int] | Callable[[int], int]
 
 
 def evaluate(run: Run, model: nn.Module, val_set: Any, label_to_cat_id: LabelToCatId, *, tag: str,
-             write_outputs: bool = False) -> dict[str, float]:
+             write_outputs: bool = False, tta: bool = False) -> dict[str, float]:
     """COCO metrics of ``model`` on ``val_set`` (every rank runs its shard; rank 0 returns them, the others ``{}``).
 
     Runs at ``eval.amp`` precision. With ``write_outputs`` rank 0 writes ``metrics.json``,
-    ``results.json`` and ``predictions.png`` into the output folder.
+    ``results.json`` and ``predictions.png`` into the output folder. With ``tta`` the model is
+    wrapped in a :class:`~detection.tta.TTADetector` when ``eval.tta`` asks for flips or scales.
     """
     from .coco_eval import CocoEvaluator, write_metrics, write_results
     from .data import build_dataloader
@@ -57,7 +58,13 @@ def evaluate(run: Run, model: nn.Module, val_set: Any, label_to_cat_id: LabelToC
     run.log(f"evaluating on {total} images ({tag}) ...")
     t0 = time.perf_counter()
     precision = PrecisionPolicy.resolve(cfg.eval.amp.enabled, cfg.eval.amp.dtype, run.device)
-    run_inference(run.unwrap(model), loader, run.device, precision, on_batch=on_batch,
+    model = run.unwrap(model)
+    if tta and cfg.eval.tta.enabled:
+        from .tta import TTADetector
+
+        model = TTADetector(model, flip=cfg.eval.tta.flip, scales=cfg.eval.tta.scales)
+        run.log(f"test-time augmentation: {model.describe()}")
+    run_inference(model, loader, run.device, precision, on_batch=on_batch,
                   max_images=None if limit is None else -(-limit // run.world), total_images=total, log=run.log)
     evaluator.synchronize()
     metrics = evaluator.evaluate() if run.main else {}

@@ -38,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ScheduleConfig",
+    "TTAConfig",
     "TrainConfig",
 ]
 
@@ -368,6 +369,37 @@ class TrainConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TTAConfig(Section):
+    """Test-time augmentation (key ``eval.tta``): :class:`detection.tta.TTADetector` in ``tools/eval_det.py``."""
+
+    flip: bool = option(
+        False, doc="also run every view on the horizontally mirrored image (boxes and masks mirrored back)."
+    )
+    scales: tuple[int, ...] = option(
+        (),
+        doc="shorter image side of each view in pixels, as detectron2's TEST.AUG.MIN_SIZES (e.g. [160, 192, "
+        "224]); each view's longer-side cap is model.max_size x scale / model.min_size. [] runs the model's "
+        "own size alone. Detections of all views are merged by per-class NMS. Used by tools/eval_det.py; "
+        "evaluations during training stay plain, so model_best compares like with like.",
+    )
+
+    def validate(self) -> None:
+        """Check that the scales are positive pixel sizes without repeats."""
+        super().validate()
+        if not all(s >= 1 for s in self.scales) or len(set(self.scales)) != len(self.scales):
+            raise FieldError(
+                "scales",
+                f"must hold positive pixel sizes without repeats, e.g. [160, 192, 224], or [] for the model's "
+                f"own size; got {list(self.scales)}",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is asked for (``flip`` or at least one scale)."""
+        return self.flip or bool(self.scales)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig(Section):
     """COCO evaluation."""
 
@@ -399,6 +431,7 @@ class EvalConfig(Section):
     max_images: int | None = option(
         None, bound=COUNT, doc="evaluate only the first N validation images (smoke runs); null uses all."
     )
+    tta: TTAConfig = option(factory=TTAConfig, doc="test-time augmentation: flipped and rescaled views, merged.")
 
     def validate(self) -> None:
         """Check ranges and that no IoU type repeats."""
