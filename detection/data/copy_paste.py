@@ -71,7 +71,7 @@ def _resized_source(
     """The partner resized to the target's ``(height, width)``; boxes follow the resized masks."""
     image = TF.resize(src_image, list(size), antialias=True)
     masks = TF.resize(src_target["masks"], list(size), interpolation=InterpolationMode.NEAREST)
-    visible = masks.flatten(1).any(1)  # a thin object can vanish when shrunk
+    visible = masks.bool().flatten(1).any(1)  # a thin object can vanish when shrunk
     out = {k: src_target[k][visible] for k in _PER_OBJECT}
     out["masks"] = masks[visible]
     out["boxes"] = _mask_boxes(out["masks"])
