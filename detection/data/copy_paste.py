@@ -12,6 +12,9 @@ never crowd regions) is cut out along their masks and pasted on top:
   (untouched objects keep their boxes); crowd regions of the target are cut like any other mask;
 - the pasted objects follow with their boxes, labels, masks and areas (``iscrowd`` 0).
 
+(``CocoDetection(train=True)`` already leaves crowd regions out of training targets; the crowd rules
+matter for datasets that keep them.)
+
 Images of different sizes (no fixed-size crop in the augment list) are handled by resizing the partner to
 the target's size, as torchvision's ``SimpleCopyPaste`` does; with ``large_scale_jitter`` both are
 already the same size. Images without objects work on either side: an empty partner pastes nothing, an
