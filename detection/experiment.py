@@ -122,8 +122,14 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
     are (``data.on_bad_annotation``), though the validation targets carry no masks.
     """
     from .data import CocoDetection, build_transforms
+    from .data.copy_paste import with_copy_paste
 
     cfg = run.cfg
+    if train and cfg.data.train.copy_paste.enabled and not arch_spec(cfg.model.arch).masks:
+        raise ConfigError(
+            f"data.train.copy_paste.enabled is true but model.arch {cfg.model.arch!r} predicts no masks, which "
+            "copy-paste cuts objects along; set data.train.copy_paste.enabled: false or use a mask architecture"
+        )
     checks = dict(on_bad_image=cfg.data.on_bad_image, on_bad_annotation=cfg.data.on_bad_annotation,
                   allow_paths_outside_img_dir=cfg.data.allow_paths_outside_img_dir)
     train_set = None
@@ -133,6 +139,7 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
                                   transforms=build_transforms(augment, train=True) if augment else None,
                                   filter_empty=cfg.data.train.filter_empty, with_masks=arch_spec(cfg.model.arch).masks,
                                   category_mapping=categories, **checks)
+        train_set = with_copy_paste(train_set, cfg.data.train.copy_paste)
         categories = train_set.categories
     val_set = None
     if paths.get("val_ann") is not None:

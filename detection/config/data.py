@@ -11,9 +11,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ConfigError, FieldError
-from .fields import COUNT, NON_NEGATIVE, POSITIVE_FRACTION, Bound, Section, option
+from .fields import COUNT, NON_NEGATIVE, POSITIVE_FRACTION, UNIT, Bound, Section, option
 
-__all__ = ["DataConfig", "DatasetConfig", "ShapesConfig", "TrainDatasetConfig", "check_source_conflict"]
+__all__ = [
+    "CopyPasteConfig",
+    "DataConfig",
+    "DatasetConfig",
+    "ShapesConfig",
+    "TrainDatasetConfig",
+    "check_source_conflict",
+]
 
 _SPLITS = ("train", "val")
 _PATH_KEYS = ("ann_file", "img_dir")
@@ -45,6 +52,34 @@ class DatasetConfig(Section):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CopyPasteConfig(Section):
+    """Simple Copy-Paste (Ghiasi et al. 2021) on the training split (``data.train.copy_paste``).
+
+    Read by :func:`detection.data.copy_paste.with_copy_paste`; the architecture must predict masks.
+    """
+
+    enabled: bool = option(
+        False,
+        doc="paste objects (with their masks) of a second training image, augmented on its own, onto each "
+        "training image; objects they hide are dropped, those they cover in part get the visible part of "
+        "their mask and its box. Needs a model.arch with masks. Crowd objects are never pasted.",
+    )
+    p: float = option(1.0, bound=UNIT, doc="probability that an image gets objects pasted onto it.")
+    max_objects: int = option(
+        100,
+        bound=COUNT,
+        doc="most objects pasted onto one image; the number is drawn uniformly in 1..min(this, objects of "
+        "the partner image).",
+    )
+    min_visible_area_px: int = option(
+        1,
+        bound=COUNT,
+        doc="an object covered in part by pasted ones is dropped when fewer pixels than this stay visible "
+        "(1 drops only fully hidden objects, as in the paper).",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainDatasetConfig(DatasetConfig):
     """The training split (``data.train``): the paths plus what only training uses."""
 
@@ -58,6 +93,10 @@ class TrainDatasetConfig(DatasetConfig):
         doc="augmentations, applied in order; each item is {name: <transform>, <param>: <value>, ...}, e.g. "
         "[{name: horizontal_flip, p: 0.5}]. Names and parameters are checked by detection.data. "
         "Evaluation runs without augmentation.",
+    )
+    copy_paste: CopyPasteConfig = option(
+        factory=CopyPasteConfig,
+        doc="Simple Copy-Paste, applied after the augment list (each image of a pair goes through it first).",
     )
 
     def validate(self) -> None:
