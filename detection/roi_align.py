@@ -17,12 +17,11 @@ release the GIL):
 :func:`detection.build_detector` gives the R-CNNs.
 """
 
-import contextlib
 import math
 import threading
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
