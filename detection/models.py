@@ -46,7 +46,6 @@ from .heads import (
     Float32RetinaNetHead,
     Float32RPNHead,
 )
-from .roi_align import ContiguousMaps, ThreadedMultiScaleRoIAlign
 
 __all__ = ["ARCHS", "build_detector", "detector_class", "feature_info_of"]
 
@@ -197,21 +196,14 @@ def _check_family_options(name: str, arch: ArchSpec, options: Mapping[str, Any])
 
 
 def _poolers(arch: ArchSpec, info: FeatureInfo, canonical: Any) -> dict[str, MultiScaleRoIAlign]:
-    """RoIAlign poolers over the levels with stride <= 32 (all of a single-level backbone).
-
-    They are :class:`~detection.roi_align.ThreadedMultiScaleRoIAlign`: torchvision's pooler with its
-    results, running RoIAlign forward and backward on all of torch's CPU threads, and sharing one
-    contiguous copy of each feature map.
-    """
+    """RoIAlign poolers over the levels with stride <= 32 (all of a single-level backbone)."""
     names = [s.name for s in info if s.stride <= 32] or [info[0].name]
-    options: dict[str, Any] = {"sampling_ratio": 2, "maps": ContiguousMaps()}
-    if canonical is not None:
-        options["canonical_scale"] = int(canonical)
-    poolers = {"box_roi_pool": ThreadedMultiScaleRoIAlign(names, output_size=7, **options)}
+    scale = {} if canonical is None else {"canonical_scale": int(canonical)}
+    poolers = {"box_roi_pool": MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, **scale)}
     if arch.masks:
-        poolers["mask_roi_pool"] = ThreadedMultiScaleRoIAlign(names, output_size=14, **options)
+        poolers["mask_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, **scale)
     if arch.keypoints:
-        poolers["keypoint_roi_pool"] = ThreadedMultiScaleRoIAlign(names, output_size=14, **options)
+        poolers["keypoint_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, **scale)
     return poolers
 
 

@@ -229,16 +229,16 @@ def _pooling_inputs():
 def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatch):
     from torchvision.ops import MultiScaleRoIAlign
 
-    import detection.roi_align as modules
+    import detection.inference_modules as modules
 
     ran_in = []
-    kernel = modules._pool_rois
+    kernel = modules.roi_align
 
     def recording(*args):
         ran_in.append(threading.current_thread().name)
         return kernel(*args)
 
-    monkeypatch.setattr(modules, "_pool_rois", recording)
+    monkeypatch.setattr(modules, "roi_align", recording)
     features, boxes = _pooling_inputs()
     plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
     threaded = ThreadedMultiScaleRoIAlign.from_pooler(plain)
