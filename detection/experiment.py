@@ -125,11 +125,6 @@ def build_datasets(run: Run, paths: Mapping[str, Path | None], *, train: bool, c
     from .data.copy_paste import with_copy_paste
 
     cfg = run.cfg
-    if train and cfg.data.train.copy_paste.enabled and not arch_spec(cfg.model.arch).masks:
-        raise ConfigError(
-            f"data.train.copy_paste.enabled is true but model.arch {cfg.model.arch!r} predicts no masks, which "
-            "copy-paste cuts objects along; set data.train.copy_paste.enabled: false or use a mask architecture"
-        )
     checks = dict(on_bad_image=cfg.data.on_bad_image, on_bad_annotation=cfg.data.on_bad_annotation,
                   allow_paths_outside_img_dir=cfg.data.allow_paths_outside_img_dir)
     train_set = None

@@ -20,27 +20,31 @@ was expected and what was received.
 """
 
 from .convert import from_dict
-from .data import DataConfig, DatasetConfig, ShapesConfig, TrainDatasetConfig
+from .data import CopyPasteConfig, DataConfig, DatasetConfig, ShapesConfig, TrainDatasetConfig
 from .errors import ConfigError, ConfigFileNotFoundError, FieldError
 from .head import HeadConfig
 from .loader import load_config, load_config_with_origins, parse_overrides
 from .render import config_reference, config_to_dict, diff_configs, dump_config, format_config
 from .schema import (
     AmpConfig,
+    EmaConfig,
     EvalConfig,
     ExperimentConfig,
     ModelConfig,
     OptimizerConfig,
     ScheduleConfig,
     TrainConfig,
+    TTAConfig,
 )
 
 __all__ = [
     "AmpConfig",
     "ConfigError",
     "ConfigFileNotFoundError",
+    "CopyPasteConfig",
     "DataConfig",
     "DatasetConfig",
+    "EmaConfig",
     "TrainDatasetConfig",
     "EvalConfig",
     "ExperimentConfig",
@@ -51,6 +55,7 @@ __all__ = [
     "ScheduleConfig",
     "ShapesConfig",
     "TrainConfig",
+    "TTAConfig",
     "config_reference",
     "config_to_dict",
     "diff_configs",

@@ -463,7 +463,7 @@ class ExperimentConfig(Section):
     )
 
     def validate(self) -> None:
-        """Check the rules that span sections (evaluation types against the architecture)."""
+        """Check the rules that span sections (evaluation types and copy-paste against the architecture)."""
         super().validate()
         if self.output_dir.strip() == "":
             raise FieldError("output_dir", "must be a non-empty path")
@@ -474,4 +474,10 @@ class ExperimentConfig(Section):
                 "eval.iou_types",
                 f"asks for {missing}, which model.arch={self.model.arch!r} does not predict; it produces "
                 f"{list(produced)}",
+            )
+        if self.data.train.copy_paste.enabled and not arch_spec(self.model.arch).masks:
+            raise FieldError(
+                "data.train.copy_paste.enabled",
+                f"is true but model.arch={self.model.arch!r} predicts no masks, which copy-paste cuts objects "
+                "along; set it to false or use a mask architecture",
             )

@@ -25,6 +25,7 @@ from .coco import (
     decode_segmentation,
     read_rgb_image,
 )
+from .copy_paste import CopyPasteDataset, with_copy_paste
 from .loader import build_dataloader, resolve_num_workers
 from .sampler import AspectRatioBatchSampler, Batch, collate_fn, worker_init_fn
 from .shapes import SHAPE_CATEGORIES, ensure_shapes_dataset, make_shapes_dataset, make_shapes_splits
@@ -36,6 +37,7 @@ __all__ = [
     "Batch",
     "CategoryMapping",
     "CocoDetection",
+    "CopyPasteDataset",
     "DatasetError",
     "DetectionTransform",
     "SkippedImage",
@@ -49,5 +51,6 @@ __all__ = [
     "read_rgb_image",
     "resolve_num_workers",
     "transform_names",
+    "with_copy_paste",
     "worker_init_fn",
 ]
