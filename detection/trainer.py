@@ -195,7 +195,8 @@ def _num_classes(cfg: ExperimentConfig, dataset_classes: int, train_ann: Path | 
 
 
 def _training_model(run: Run, num_classes: int, weights: str | os.PathLike[str] | None) -> nn.Module:
-    """The detector with its initial weights, on the run's device, in the configured memory format."""
+    """The detector with its initial weights, on the run's device, in the configured memory format
+    (``train.channels_last: auto`` follows :attr:`PrecisionPolicy.channels_last`)."""
     cfg = run.cfg
     model = build_model(cfg, num_classes)
     if weights:
@@ -205,9 +206,14 @@ def _training_model(run: Run, num_classes: int, weights: str | os.PathLike[str] 
         run.log(f"loaded initial weights from {weights}")
     if run.world > 1 and cfg.train.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(device=run.device, memory_format=memory_format)
-    if cfg.train.channels_last:
+    channels_last = cfg.train.channels_last
+    if channels_last == "auto":
+        precision = PrecisionPolicy.resolve(cfg.train.amp.enabled, cfg.train.amp.dtype, run.device)
+        channels_last = precision.channels_last
+        run.log(f"memory format {'channels-last' if channels_last else 'contiguous'} (train.channels_last: auto, "
+                f"{run.device.type} {precision.name})")
+    model.to(device=run.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if channels_last:
         model.backbone.set_channels_last()  # the model batches the images; the backbone converts the batch
     return model.train()
 

@@ -342,8 +342,10 @@ class TrainConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = option("auto", doc="auto (CUDA when available), cpu or cuda.")
     sync_bn: bool = option(False, doc="convert BatchNorm layers to SyncBatchNorm in distributed runs.")
-    channels_last: bool = option(
-        False, doc="use the channels-last memory format (faster convolutions with AMP on recent GPUs)."
+    channels_last: bool | Literal["auto"] = option(
+        "auto",
+        doc="channels-last memory format for the convolutions: true, false, or auto: on CPU (oneDNN's "
+        "convolutions run faster in it, in float32 and bfloat16) and under CUDA autocast, not for float32 on CUDA.",
     )
     num_threads: int | None = option(
         None, bound=COUNT, doc="torch.set_num_threads value for CPU runs; null keeps torch's default."
