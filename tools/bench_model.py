@@ -17,7 +17,9 @@ What is measured (``--what``, any of):
   other than fp32, also under the same autocast. Both use ``box_score_thresh=0`` so that every image
   keeps 100 detections (random weights would otherwise keep none and skip the mask head);
 - ``train``: one training step (forward, backward, SGD step) on ``batch`` images with 4 objects each,
-  both models under the same autocast setting;
+  both models under the same autocast setting, ours in the memory format the trainer uses
+  (``train.channels_last: auto``: channels-last on CPU and under CUDA autocast), torchvision's as built
+  (channels-last for both with ``--channels-last``);
 - ``memory``: peak memory of one training step of ours without and with activation checkpointing
   (``checkpoint_stages`` c2..c5) and of torchvision's model, each in a fresh subprocess on CPU (peak
   RSS) or in-process on CUDA (``max_memory_allocated``), plus the loss of each (they must be equal).
@@ -237,8 +239,12 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     ours, tv = _build_pair(args, device, min_size=args.size, max_size=max(args.size, 1333))
     ours.train()
     tv.train()
+    # Ours in the memory format the trainer picks (train.channels_last: auto), torchvision's as built.
+    ours_cl = args.channels_last or PrecisionPolicy(device.type, PRECISIONS[args.precision]).channels_last
+    if ours_cl:
+        ours.to(memory_format=torch.channels_last)
+        ours.backbone.set_channels_last()
     if args.channels_last:
-        ours.backbone.to(memory_format=torch.channels_last)
         tv.backbone.to(memory_format=torch.channels_last)
     images = [torch.rand(3, args.size, args.size, device=device) for _ in range(args.batch)]
     targets = _targets(args.batch, args.size, args.arch, device)
@@ -246,7 +252,9 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any
                       _train_step_fn(tv, images, targets, device, args.precision, args.seed),
                       args.repeats, args.warmup, device)
     cl = ", channels_last" if args.channels_last else ""
-    return _row(f"{args.arch} train step, batch {args.batch} at {args.size}px, {args.precision}{cl}", o, t, args.batch)
+    layout = ", ours channels-last (train.channels_last: auto)" if ours_cl and not args.channels_last else ""
+    return _row(f"{args.arch} train step, batch {args.batch} at {args.size}px, {args.precision}{cl}{layout}", o, t,
+                args.batch)
 
 
 def _memory_probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
