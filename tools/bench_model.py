@@ -19,7 +19,8 @@ What is measured (``--what``, any of):
 - ``train``: one training step (forward, backward, SGD step) on ``batch`` images with 4 objects each,
   both models under the same autocast setting, ours in the memory format the trainer uses
   (``train.channels_last: auto``: channels-last on CPU and under CUDA autocast), torchvision's as built
-  (channels-last for both with ``--channels-last``);
+  (channels-last for both with ``--channels-last``); with ``--precision`` other than fp32, also
+  against torchvision's step in fp32;
 - ``memory``: peak memory of one training step of ours without and with activation checkpointing
   (``checkpoint_stages`` c2..c5) and of torchvision's model, each in a fresh subprocess on CPU (peak
   RSS) or in-process on CUDA (``max_memory_allocated``), plus the loss of each (they must be equal).
@@ -235,7 +236,7 @@ def _train_step_fn(model: torch.nn.Module, images: list[torch.Tensor], targets: 
     return step
 
 
-def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def bench_train(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     ours, tv = _build_pair(args, device, min_size=args.size, max_size=max(args.size, 1333))
     ours.train()
     tv.train()
@@ -248,13 +249,18 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         tv.backbone.to(memory_format=torch.channels_last)
     images = [torch.rand(3, args.size, args.size, device=device) for _ in range(args.batch)]
     targets = _targets(args.batch, args.size, args.arch, device)
-    o, t = _time_pair(_train_step_fn(ours, images, targets, device, args.precision, args.seed),
-                      _train_step_fn(tv, images, targets, device, args.precision, args.seed),
-                      args.repeats, args.warmup, device)
+    ours_step = _train_step_fn(ours, images, targets, device, args.precision, args.seed)
     cl = ", channels_last" if args.channels_last else ""
     layout = ", ours channels-last (train.channels_last: auto)" if ours_cl and not args.channels_last else ""
-    return _row(f"{args.arch} train step, batch {args.batch} at {args.size}px, {args.precision}{cl}{layout}", o, t,
-                args.batch)
+    label = f"{args.arch} train step, batch {args.batch} at {args.size}px, {args.precision}{cl}{layout}"
+    o, t = _time_pair(ours_step, _train_step_fn(tv, images, targets, device, args.precision, args.seed),
+                      args.repeats, args.warmup, device)
+    rows = [_row(label, o, t, args.batch)]
+    if args.precision != "fp32":  # the usual baseline: torchvision's model trained in fp32
+        o, t = _time_pair(ours_step, _train_step_fn(tv, images, targets, device, "fp32", args.seed),
+                          args.repeats, args.warmup, device)
+        rows.append(_row(f"{label}, vs torchvision fp32", o, t, args.batch))
+    return rows
 
 
 def _memory_probe(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -389,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "inference" in args.what:
         rows += bench_inference(args, device)
     if "train" in args.what:
-        rows.append(bench_train(args, device))
+        rows += bench_train(args, device)
     if "memory" in args.what:
         rows += bench_memory(args, device)
     return {"machine": machine_description(device), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
