@@ -302,7 +302,7 @@ class TrainConfig(Section):
         bound=POSITIVE,
         doc="wall-clock seconds for the training iterations (evaluation not included); null trains for "
         "max_iters. With a budget, max_iters (or epochs) is the most iterations: the throughput is measured "
-        "over iterations 201-400 and the length that fits the rest of the budget is logged; the lr schedule "
+        "over iterations 401-600 and the length that fits the rest of the budget is logged; the lr schedule "
         "follows it, and checkpoints save it, so --resume continues it. One plan: iterations that later run "
         "slower than measured overrun the budget by as much.",
     )
