@@ -14,6 +14,7 @@ __all__ = [
     "expand_boxes",
     "expand_masks",
     "filter_input",
+    "multiscale_roi_align",
     "resize_boxes",
     "resize_keypoints",
     "setup_scales",
@@ -24,6 +25,7 @@ HELPERS: dict[str, tuple[str, str]] = {
     "convert_to_roi_format": ("torchvision.ops.poolers", "_convert_to_roi_format"),
     "filter_input": ("torchvision.ops.poolers", "_filter_input"),
     "setup_scales": ("torchvision.ops.poolers", "_setup_scales"),
+    "multiscale_roi_align": ("torchvision.ops.poolers", "_multiscale_roi_align"),
     "expand_boxes": ("torchvision.models.detection.roi_heads", "expand_boxes"),
     "expand_masks": ("torchvision.models.detection.roi_heads", "expand_masks"),
     "resize_boxes": ("torchvision.models.detection.transform", "resize_boxes"),
@@ -47,6 +49,7 @@ def _load(alias: str) -> Any:
 convert_to_roi_format = _load("convert_to_roi_format")
 filter_input = _load("filter_input")
 setup_scales = _load("setup_scales")
+multiscale_roi_align = _load("multiscale_roi_align")
 expand_boxes = _load("expand_boxes")
 expand_masks = _load("expand_masks")
 resize_boxes = _load("resize_boxes")

@@ -46,6 +46,7 @@ from .heads import (
     Float32RetinaNetHead,
     Float32RPNHead,
 )
+from .roi_align import ThreadedBackwardMultiScaleRoIAlign
 
 __all__ = ["ARCHS", "build_detector", "detector_class", "feature_info_of"]
 
@@ -196,14 +197,16 @@ def _check_family_options(name: str, arch: ArchSpec, options: Mapping[str, Any])
 
 
 def _poolers(arch: ArchSpec, info: FeatureInfo, canonical: Any) -> dict[str, MultiScaleRoIAlign]:
-    """RoIAlign poolers over the levels with stride <= 32 (all of a single-level backbone)."""
+    """RoIAlign poolers over the levels with stride <= 32 (all of a single-level backbone): torchvision's,
+    with the per-image threaded CPU backward of :class:`~detection.roi_align.ThreadedBackwardMultiScaleRoIAlign`."""
     names = [s.name for s in info if s.stride <= 32] or [info[0].name]
     scale = {} if canonical is None else {"canonical_scale": int(canonical)}
-    poolers = {"box_roi_pool": MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2, **scale)}
+    pooler = partial(ThreadedBackwardMultiScaleRoIAlign, names, sampling_ratio=2, **scale)
+    poolers = {"box_roi_pool": pooler(output_size=7)}
     if arch.masks:
-        poolers["mask_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, **scale)
+        poolers["mask_roi_pool"] = pooler(output_size=14)
     if arch.keypoints:
-        poolers["keypoint_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2, **scale)
+        poolers["keypoint_roi_pool"] = pooler(output_size=14)
     return poolers
 
 
