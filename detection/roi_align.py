@@ -91,11 +91,13 @@ class RoIAlignFunction(torch.autograd.Function):
             grad_input = torch.ops.torchvision._roi_align_backward(
                 grad, rois, spatial_scale, output_size[0], output_size[1], *ctx.shape, sampling_ratio, aligned
             )
-        else:
-            pool = _executor(workers - 1)
-            jobs = [pool.submit(_image_gradient, grad, rois, image, shape, ctx.options) for image in range(1, images)]
-            parts = [_image_gradient(grad, rois, 0, shape, ctx.options)] + [job.result() for job in jobs]
-            grad_input = torch.cat(parts)
+        else:  # images round-robin over the threads; this thread takes the first share
+            def share(first: int) -> list[Tensor]:
+                return [_image_gradient(grad, rois, image, shape, ctx.options) for image in range(first, images, workers)]
+
+            jobs = [_executor(workers - 1).submit(share, first) for first in range(1, workers)]
+            shares = [share(0)] + [job.result() for job in jobs]
+            grad_input = torch.cat([shares[image % workers][image // workers] for image in range(images)])
         return grad_input.to(ctx.dtype), None, None, None, None, None
 
 

@@ -56,9 +56,10 @@ def test_pooler_equals_torchvisions_forward_and_gradients_bit_for_bit(split_thre
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_function_splits_by_image_and_keeps_the_kernels_gradient(monkeypatch):
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_function_splits_by_image_and_keeps_the_kernels_gradient(monkeypatch, threads):
     monkeypatch.setattr(module, "MIN_SPLIT_ELEMENTS", 0)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     calls = []
     original = module._image_gradient
     monkeypatch.setattr(module, "_image_gradient", lambda *a: calls.append(a[2]) or original(*a))
