@@ -48,7 +48,7 @@ from .heads import (
 )
 from .roi_align import ThreadedBackwardMultiScaleRoIAlign
 
-__all__ = ["ARCHS", "build_detector", "detector_class", "feature_info_of"]
+__all__ = ["ARCHS", "build_detector", "detector_class", "feature_info_of", "to_channels_last"]
 
 #: Keyword options that ``build_detector`` handles itself (the rest go to torchvision's class).
 OWN_OPTIONS = (
@@ -351,3 +351,13 @@ def build_detector(
     if options.get("head") is None:
         options["head"] = _one_stage_head(spec, module.out_channels, num_anchors, num_classes)
     return cls(module, num_classes=num_classes, **options)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` (in place) in the channels-last memory format for training, what ``train.channels_last``
+    gives: every convolution's weight channels-last, and the backbone converting the batched images."""
+    model.to(memory_format=torch.channels_last)
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "set_channels_last"):
+        backbone.set_channels_last()
+    return model

@@ -123,7 +123,7 @@ class PrecisionPolicy:
 
         On CPU, yes: oneDNN's convolution kernels take channels-last (NHWC) maps and weights and reorder
         contiguous (NCHW) ones at every layer, forward and backward (measured: a Mask R-CNN R50-FPN
-        training step at 800 px about 0.8x the time in fp32), and its fast bf16 kernels need it. On CUDA
+        training step at 800 px 0.84-0.85x the time in fp32), and its fast bf16 kernels need it. On CUDA
         under autocast, yes (tensor cores); for float32 on CUDA, no. This is what ``train.channels_last:
         auto`` follows.
         """

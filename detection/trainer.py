@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from backbone import summarize
@@ -34,7 +33,7 @@ from .ema import ModelEma
 from .experiment import Run, TrainBatches, build_datasets, data_paths, select_device, train_loader
 from .logger import JsonlWriter, drop_records_after, format_duration, read_jsonl
 from .loop import TrainingInterrupted, TrainLoop, TrainState, improved, restore_rng
-from .models import build_detector
+from .models import build_detector, to_channels_last
 from .precision import PrecisionPolicy
 from .solver import build_optimizer, build_scheduler, fit_schedule
 from .validation import evaluate
@@ -212,9 +211,9 @@ def _training_model(run: Run, num_classes: int, weights: str | os.PathLike[str] 
         channels_last = precision.channels_last
         run.log(f"memory format {'channels-last' if channels_last else 'contiguous'} (train.channels_last: auto, "
                 f"{run.device.type} {precision.name})")
-    model.to(device=run.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.to(device=run.device)
     if channels_last:
-        model.backbone.set_channels_last()  # the model batches the images; the backbone converts the batch
+        to_channels_last(model)
     return model.train()
 
 

@@ -237,14 +237,15 @@ def _train_step_fn(model: torch.nn.Module, images: list[torch.Tensor], targets: 
 
 
 def bench_train(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    from detection.models import to_channels_last
+
     ours, tv = _build_pair(args, device, min_size=args.size, max_size=max(args.size, 1333))
     ours.train()
     tv.train()
     # Ours in the memory format the trainer picks (train.channels_last: auto), torchvision's as built.
     ours_cl = args.channels_last or PrecisionPolicy(device.type, PRECISIONS[args.precision]).channels_last
     if ours_cl:
-        ours.to(memory_format=torch.channels_last)
-        ours.backbone.set_channels_last()
+        to_channels_last(ours)
     if args.channels_last:
         tv.backbone.to(memory_format=torch.channels_last)
     images = [torch.rand(3, args.size, args.size, device=device) for _ in range(args.batch)]

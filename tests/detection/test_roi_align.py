@@ -9,6 +9,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from detection import build_detector
 from detection import roi_align as module
+from detection.models import to_channels_last
 from detection.roi_align import RoIAlignFunction, ThreadedBackwardMultiScaleRoIAlign
 
 
@@ -137,8 +138,7 @@ def test_a_training_step_as_the_trainer_runs_it_matches_the_plain_model(monkeypa
         pooler = getattr(plain.roi_heads, name)
         setattr(plain.roi_heads, name, MultiScaleRoIAlign(pooler.featmap_names, pooler.output_size, pooler.sampling_ratio))
     exact = copy.deepcopy(plain).double()
-    fast.to(memory_format=torch.channels_last)
-    fast.backbone.set_channels_last()
+    to_channels_last(fast)
     (losses, grads), (fast_losses, fast_grads) = _step(plain), _step(fast)
     _, exact_grads = _step(exact, torch.float64)
     for key, value in losses.items():
