@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "batched_nms_vanilla",
     "convert_to_roi_format",
     "expand_boxes",
     "expand_masks",
@@ -22,6 +23,7 @@ __all__ = [
 
 #: public alias -> (torchvision module, private name)
 HELPERS: dict[str, tuple[str, str]] = {
+    "batched_nms_vanilla": ("torchvision.ops.boxes", "_batched_nms_vanilla"),
     "convert_to_roi_format": ("torchvision.ops.poolers", "_convert_to_roi_format"),
     "filter_input": ("torchvision.ops.poolers", "_filter_input"),
     "setup_scales": ("torchvision.ops.poolers", "_setup_scales"),
@@ -46,6 +48,7 @@ def _load(alias: str) -> Any:
         ) from exc
 
 
+batched_nms_vanilla = _load("batched_nms_vanilla")
 convert_to_roi_format = _load("convert_to_roi_format")
 filter_input = _load("filter_input")
 setup_scales = _load("setup_scales")

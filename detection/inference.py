@@ -9,8 +9,9 @@ What it does to a detector, putting it in eval mode:
    format, which oneDNN (CPU) and cuDNN (tensor cores) run faster;
 3. swaps in the modules of :mod:`detection.inference_modules`: RoI poolers that split the RoIs
    across threads on CPU (torchvision's RoIAlign kernel runs on one) and read contiguous feature
-   maps once, the mask predictor as two matrix products on CPU, and a transform that pastes the
-   predicted masks into one preallocated tensor;
+   maps once, the mask predictor as two matrix products on CPU, the box head's linear layers through
+   oneDNN, per-class NMS over only as many top scores as the kept detections need, and a transform
+   that pastes the predicted masks into one preallocated tensor;
 4. optionally runs the forward pass under autocast (``precision="bf16"`` or ``"fp16"``): the
    detector is then returned inside an :class:`AutocastDetector`. Boxes, scores and masks are still
    decoded and returned in float32 (see :mod:`detection.heads`).
@@ -28,14 +29,17 @@ import copy
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from .inference_modules import (
     ContiguousMaps,
     GemmMaskRCNNPredictor,
+    OneDNNLinear,
     PasteMasksTransform,
     ThreadedMultiScaleRoIAlign,
+    TopKRoIHeads,
     paste_masks,
 )
 from .precision import PrecisionPolicy, to_dtype
@@ -124,9 +128,20 @@ def _to_channels_last(model: nn.Module) -> None:
             head.to(memory_format=torch.channels_last)
 
 
+def _swap_in_linears(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.Linear:
+            setattr(module, name, OneDNNLinear.from_linear(child))
+        else:
+            _swap_in_linears(child)
+
+
 def _swap_in_fast_modules(model: nn.Module) -> None:
     roi_heads = getattr(model, "roi_heads", None)
+    if isinstance(roi_heads, RoIHeads) and not isinstance(roi_heads, TopKRoIHeads):
+        roi_heads = model.roi_heads = TopKRoIHeads.from_roi_heads(roi_heads)
     if isinstance(roi_heads, nn.Module):
+        _swap_in_linears(roi_heads)
         maps = ContiguousMaps()  # the box and mask poolers read the same maps: copy them once
         for name in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
             pooler = getattr(roi_heads, name, None)

@@ -16,8 +16,11 @@ from detection.inference import AutocastDetector, fold_batch_norms, optimize_for
 from detection.inference_modules import (
     ContiguousMaps,
     GemmMaskRCNNPredictor,
+    OneDNNLinear,
     PasteMasksTransform,
     ThreadedMultiScaleRoIAlign,
+    TopKRoIHeads,
+    batched_nms_top_k,
 )
 
 
@@ -84,6 +87,9 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
     assert isinstance(fast.roi_heads.box_roi_pool, ThreadedMultiScaleRoIAlign)
     assert isinstance(fast.transform, PasteMasksTransform)
     assert isinstance(fast.roi_heads.mask_predictor, GemmMaskRCNNPredictor) == arch.startswith("mask")
+    assert isinstance(fast.roi_heads, TopKRoIHeads) and not isinstance(plain.roi_heads, TopKRoIHeads)
+    linears = [m for m in fast.roi_heads.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
     # modules, not patches: no instance carries its own forward or postprocess
     assert not [n for n, m in fast.named_modules() if {"forward", "postprocess"} & set(vars(m))]
     image = [torch.rand(3, 128, 112)]
@@ -331,6 +337,10 @@ def test_contiguous_maps_copies_each_map_once_while_it_lives():
     first = maps(channels_last)
     assert first.is_contiguous() and torch.equal(first, channels_last)
     assert maps(channels_last) is first and len(maps) == 1
+    as_float = maps(channels_last, torch.float64)
+    assert as_float.dtype == torch.float64 and as_float.is_contiguous() and torch.equal(as_float, channels_last.double())
+    assert maps(channels_last, torch.float64) is as_float and maps(channels_last) is first and len(maps) == 2
+    assert maps(plain, torch.float32) is plain
     del channels_last
     gc.collect()
     assert len(maps) == 0
@@ -350,3 +360,87 @@ def test_every_private_torchvision_helper_is_where_the_adapter_expects_it(monkey
     with pytest.raises(ImportError, match=r"torchvision .* has no torchvision\.ops\.poolers\._moved_away, which "
                                           r"detection/_torchvision\.py imports as 'filter_input'"):
         adapter._load("filter_input")
+
+
+def _nms_candidates(n: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=generator) * 300
+    boxes = torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=generator) * 80], 1)
+    return boxes, torch.rand(n, generator=generator), torch.randint(classes, (n,), generator=generator)
+
+
+def test_batched_nms_top_k_keeps_what_torchvisions_batched_nms_keeps(monkeypatch):
+    from torchvision.ops import batched_nms
+
+    import detection.inference_modules as modules
+
+    seen = []
+    vanilla = modules.batched_nms_vanilla
+    monkeypatch.setattr(modules, "batched_nms_vanilla", lambda b, *a: seen.append(len(b)) or vanilla(b, *a))
+    boxes, scores, labels = _nms_candidates(6000, 40)
+    expected = batched_nms(boxes, scores, labels, 0.5)
+    for k in (1, 100, 300):
+        assert torch.equal(batched_nms_top_k(boxes, scores, labels, 0.5, k), expected[:k]), k
+    assert seen and max(seen) < 6000  # NMS ran on the top scores only
+    # The top 1000 scores are copies of one box: the first rounds keep too few, the n doubles.
+    boxes[scores.argsort(descending=True)[:1000]] = torch.tensor([10.0, 10.0, 60.0, 60.0])
+    labels[scores.argsort(descending=True)[:1000]] = 3
+    seen.clear()
+    assert torch.equal(batched_nms_top_k(boxes, scores, labels, 0.5, 100), batched_nms(boxes, scores, labels, 0.5)[:100])
+    assert len(seen) >= 2
+    # Fewer boxes than torchvision's single-NMS bound, or than k ever kept: torchvision's own call.
+    small = _nms_candidates(500, 5)
+    assert torch.equal(batched_nms_top_k(*small, 0.5, 100), batched_nms(*small, 0.5)[:100])
+    same = torch.tensor([[5.0, 5.0, 50.0, 50.0]]).repeat(3000, 1), torch.rand(3000), torch.zeros(3000, dtype=torch.int64)
+    assert torch.equal(batched_nms_top_k(*same, 0.5, 100), batched_nms(*same, 0.5)[:100])
+    empty = batched_nms_top_k(boxes[:0], scores[:0], labels[:0], 0.5, 100)
+    assert empty.dtype == torch.int64 and len(empty) == 0
+
+
+@pytest.mark.parametrize("score_thresh", [0.0, 0.05])
+def test_top_k_roi_heads_postprocess_like_torchvisions(score_thresh):
+    torch.manual_seed(0)
+    model = build_detector("mask_rcnn", backbone={"name": "resnet18", "fpn": {"out_channels": 32}}, num_classes=91,
+                           box_score_thresh=score_thresh).eval()
+    plain = model.roi_heads
+    fast = TopKRoIHeads.from_roi_heads(plain)
+    assert fast.box_predictor is plain.box_predictor and fast.nms_thresh == plain.nms_thresh
+    fast.mask_predictor = nn.Identity()  # the submodule tables are the copy's own
+    assert not isinstance(plain.mask_predictor, nn.Identity)
+    proposals = []
+    for _ in range(2):
+        xy = torch.rand(400, 2) * 200
+        proposals.append(torch.cat([xy, xy + 2 + torch.rand(400, 2) * 100], 1))
+    class_logits, box_regression = torch.randn(800, 91) * 3, torch.randn(800, 91 * 4) * 0.2
+    shapes = [(256, 256), (240, 300)]
+    with torch.no_grad():
+        expected = plain.postprocess_detections(class_logits, box_regression, proposals, shapes)
+        got = fast.postprocess_detections(class_logits, box_regression, proposals, shapes)
+    for e, g in zip(expected, got):
+        assert [len(t) for t in g] == [len(t) for t in e] and len(e[0]) > 0
+        for a, b in zip(e, g):
+            assert torch.equal(a, b)
+
+
+def test_onednn_linear_computes_nn_linear():
+    torch.manual_seed(0)
+    plain = nn.Linear(48, 20)
+    fast = OneDNNLinear.from_linear(plain)
+    assert fast.weight is plain.weight and fast.bias is plain.bias
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(30, 48)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced, expected = fast(x), plain(x)
+    assert reduced.dtype == expected.dtype == torch.bfloat16
+    assert torch.allclose(reduced.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    # With gradients (and for other dtypes) it is nn.Linear's call, so it trains like one.
+    fast(x).sum().backward()
+    assert plain.weight.grad is not None and plain.weight.grad.abs().sum() > 0
+    double = OneDNNLinear.from_linear(nn.Linear(48, 20).double())
+    with torch.no_grad():
+        assert torch.equal(double(x.double()), torch.nn.functional.linear(x.double(), double.weight, double.bias))
+    no_bias = OneDNNLinear.from_linear(nn.Linear(48, 5, bias=False))
+    with torch.no_grad():
+        assert torch.allclose(no_bias(x), x @ no_bias.weight.t(), rtol=1e-5, atol=1e-6)
