@@ -284,7 +284,8 @@ def cpu_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, through oneDNN on CPU where no gradient is needed.
 
     For float32, ``F.linear`` calls MKL's GEMM, which takes its AVX2 code path on AMD CPUs; oneDNN's
-    uses AVX-512 there and runs the box head's products about 2x faster (``tools/benchmark.py linear``).
+    uses AVX-512 there and runs the box head's products about 2x faster (AMD EPYC, 2 threads: fc6 of
+    the R50-FPN box head, 1000 x 12544 by 12544 x 1024, 119 ms in MKL, 58 ms in oneDNN).
     Under CPU autocast the operands are cast as autocast casts them for ``F.linear``.
     """
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
