@@ -7,11 +7,11 @@ What it does to a detector, putting it in eval mode:
    ``Identity`` where the norm was;
 2. converts the convolutional parts (backbone, FPN, RPN head, mask head) to the channels-last memory
    format, which oneDNN (CPU) and cuDNN (tensor cores) run faster;
-3. swaps in the modules of :mod:`detection.inference_modules`: RoI poolers that split the RoIs
-   across threads on CPU (torchvision's RoIAlign kernel runs on one) and read contiguous feature
-   maps once, the mask predictor as two matrix products on CPU, the box head's linear layers through
-   oneDNN, per-class NMS over only as many top scores as the kept detections need, and a transform
-   that pastes the predicted masks into one preallocated tensor;
+3. swaps in the modules of :mod:`detection.inference_modules`: the mask predictor as two matrix
+   products on CPU, the box head's linear layers through oneDNN, per-class NMS over only as many
+   top scores as the kept detections need, and a transform that pastes the predicted masks into
+   one preallocated tensor; a torchvision-built model also gets the sparse-product RoI poolers
+   (:class:`detection.roi_align.SparseMultiScaleRoIAlign`) that ``build_detector`` gives;
 4. optionally runs the forward pass under autocast (``precision="bf16"`` or ``"fp16"``): the
    detector is then returned inside an :class:`AutocastDetector`. Boxes, scores and masks are still
    decoded and returned in float32 (see :mod:`detection.heads`).
@@ -33,16 +33,9 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from .inference_modules import (
-    ContiguousMaps,
-    GemmMaskRCNNPredictor,
-    OneDNNLinear,
-    PasteMasksTransform,
-    ThreadedMultiScaleRoIAlign,
-    TopKRoIHeads,
-    paste_masks,
-)
+from .inference_modules import GemmMaskRCNNPredictor, OneDNNLinear, PasteMasksTransform, TopKRoIHeads, paste_masks
 from .precision import PrecisionPolicy, to_dtype
+from .roi_align import SparseMultiScaleRoIAlign
 
 __all__ = ["AutocastDetector", "fold_batch_norms", "optimize_for_inference", "paste_masks"]
 
@@ -142,11 +135,10 @@ def _swap_in_fast_modules(model: nn.Module) -> None:
         roi_heads = model.roi_heads = TopKRoIHeads.from_roi_heads(roi_heads)
     if isinstance(roi_heads, nn.Module):
         _swap_in_linears(roi_heads)
-        maps = ContiguousMaps()  # the box and mask poolers read the same maps: copy them once
         for name in ("box_roi_pool", "mask_roi_pool", "keypoint_roi_pool"):
             pooler = getattr(roi_heads, name, None)
-            if isinstance(pooler, MultiScaleRoIAlign) and not isinstance(pooler, ThreadedMultiScaleRoIAlign):
-                setattr(roi_heads, name, ThreadedMultiScaleRoIAlign.from_pooler(pooler, maps))
+            if type(pooler) is MultiScaleRoIAlign:  # a torchvision-built model; build_detector's are sparse already
+                setattr(roi_heads, name, SparseMultiScaleRoIAlign.from_pooler(pooler))
         predictor = getattr(roi_heads, "mask_predictor", None)
         if not isinstance(predictor, GemmMaskRCNNPredictor) and GemmMaskRCNNPredictor.supports(predictor):
             roi_heads.mask_predictor = GemmMaskRCNNPredictor.from_predictor(predictor)

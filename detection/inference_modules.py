@@ -3,8 +3,6 @@
 :func:`detection.optimize_for_inference` swaps them in by attribute assignment; each is a
 subclass of the module it replaces (same constructor, parameters and state-dict keys):
 
-* :class:`ThreadedMultiScaleRoIAlign` (``MultiScaleRoIAlign``): splits each level's RoIs across
-  ``torch.get_num_threads()`` threads, where torchvision's RoIAlign kernel runs on one;
 * :class:`GemmMaskRCNNPredictor` (``MaskRCNNPredictor``): the 2x2 transposed conv, ReLU and 1x1 conv
   as two matrix products, well below the convolution kernels' cost for many small RoIs;
 * :class:`PasteMasksTransform` (``GeneralizedRCNNTransform``): pastes the predicted masks into one
@@ -13,181 +11,35 @@ subclass of the module it replaces (same constructor, parameters and state-dict 
   takes to fill ``detections_per_img`` (:func:`batched_nms_top_k`), not over every class of every box;
 * :class:`OneDNNLinear` (``nn.Linear``): the box head's matrix products through oneDNN (:func:`cpu_linear`).
 
-Each computes exactly what the module it replaces computes and falls back to it where the fast
-version does not apply (GPU, gradients, one thread).
+Each computes what the module it replaces computes (to float rounding) and falls back to it where
+the fast version does not apply (GPU, gradients). The RoI poolers the fast path uses are
+:class:`detection.roi_align.SparseMultiScaleRoIAlign`, which :func:`detection.build_detector` gives
+every R-CNN.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import weakref
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, batched_nms, clip_boxes_to_image, remove_small_boxes, roi_align
+from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
-from ._torchvision import (
-    batched_nms_vanilla,
-    convert_to_roi_format,
-    expand_boxes,
-    expand_masks,
-    filter_input,
-    resize_boxes,
-    resize_keypoints,
-    setup_scales,
-)
+from ._torchvision import batched_nms_vanilla, expand_boxes, expand_masks, resize_boxes, resize_keypoints
 from .heads import Float32MaskRCNNPredictor, upcast_reduced
 
 __all__ = [
-    "ContiguousMaps",
     "GemmMaskRCNNPredictor",
     "OneDNNLinear",
     "PasteMasksTransform",
-    "ThreadedMultiScaleRoIAlign",
     "TopKRoIHeads",
     "batched_nms_top_k",
     "cpu_linear",
     "paste_masks",
 ]
-
-
-class ContiguousMaps:
-    """Contiguous (NCHW) copies of feature maps, made once per map and shared by the poolers that hold it.
-
-    RoIAlign reads NCHW and copies a channels-last map on every call (and, under autocast, casts it
-    to float32 on every call); the box and mask poolers of one model read the same maps. A copy
-    lives as long as the map it was made from (a weak reference drops it with the map), so maps
-    must not change in place between the poolers' calls, which holds within a detector's forward.
-    Pickled or deep-copied, it starts empty.
-    """
-
-    def __init__(self) -> None:
-        self._copies: dict[tuple[int, torch.dtype], tuple[weakref.ref, Tensor]] = {}
-
-    def __call__(self, t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        """``t`` as a contiguous tensor of ``dtype`` (default: its own)."""
-        dtype = dtype or t.dtype
-        if t.is_contiguous() and t.dtype == dtype:
-            return t
-        key = (id(t), dtype)
-        entry = self._copies.get(key)
-        if entry is not None and entry[0]() is t:
-            return entry[1]
-        copy = t.to(dtype=dtype, memory_format=torch.contiguous_format)
-        self._copies[key] = (weakref.ref(t, lambda _, key=key: self._copies.pop(key, None)), copy)
-        return copy
-
-    def __len__(self) -> int:
-        return len(self._copies)
-
-    def __reduce__(self) -> tuple[type, tuple]:
-        return ContiguousMaps, ()
-
-
-def _roi_align_job(inference: bool, amp: torch.dtype | None, *args: Any) -> Tensor:
-    # Grad, inference and autocast modes are thread-local: run the worker in the caller's.
-    amp_ctx = torch.autocast("cpu", dtype=amp) if amp is not None else contextlib.nullcontext()
-    with torch.inference_mode(inference), torch.no_grad(), amp_ctx:
-        return roi_align(*args)
-
-
-class ThreadedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's ``MultiScaleRoIAlign`` running RoIAlign on several threads for CPU inference.
-
-    The same level mapping and the same kernel per RoI, so outputs are identical; only each level's
-    RoIs are sorted by position and split into chunks that run concurrently (the kernel releases
-    the GIL). Neighbouring RoIs read the same pixels of every channel plane, and the kernel visits
-    the RoIs in the order given: in that order the pixels are still in cache (P2's 799 RoIs of a
-    1000-proposal image: 111 ms instead of 189 ms on one thread). The feature maps are made
-    contiguous once (RoIAlign reads NCHW and would copy a channels-last map for every chunk), and
-    cast to float32 once under autocast (which runs RoIAlign in float32), through ``maps``, a
-    :class:`ContiguousMaps` that poolers of one model can share. Falls back to torchvision's forward
-    on GPU, when gradients are needed, or with one thread.
-
-    The thread pool is created on first use and shut down by :meth:`close`, or when the module is
-    garbage-collected; it is neither pickled nor deep-copied (a copy makes its own).
-    """
-
-    def __init__(self, *args: Any, maps: ContiguousMaps | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.maps = maps if maps is not None else ContiguousMaps()
-        self._reset_pool()
-
-    @classmethod
-    def from_pooler(cls, pooler: MultiScaleRoIAlign, maps: ContiguousMaps | None = None) -> ThreadedMultiScaleRoIAlign:
-        """The threaded version of ``pooler``, with the same settings (and level mapping, once inferred)."""
-        new = cls(list(pooler.featmap_names), pooler.output_size, pooler.sampling_ratio, maps=maps,
-                  canonical_scale=pooler.canonical_scale, canonical_level=pooler.canonical_level)
-        new.scales, new.map_levels = pooler.scales, pooler.map_levels
-        return new
-
-    def _reset_pool(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_finalizer: weakref.finalize | None = None
-        self._pool_lock = threading.Lock()
-
-    def _executor(self, workers: int) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None or self._pool._max_workers != workers:
-                self.close()
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roi_align")
-                self._pool_finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
-            return self._pool
-
-    def close(self) -> None:
-        """Shut the thread pool down (a later call starts a new one)."""
-        if self._pool_finalizer is not None:
-            self._pool_finalizer.detach()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        self._pool, self._pool_finalizer = None, None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        for key in ("_pool", "_pool_finalizer", "_pool_lock"):
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._reset_pool()
-
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        workers = torch.get_num_threads()
-        features = filter_input(x, self.featmap_names)
-        if workers < 2 or features[0].device.type != "cpu" or (torch.is_grad_enabled() and features[0].requires_grad):
-            return super().forward(x, boxes, image_shapes)
-        result_dtype = features[0].dtype
-        # Under autocast torchvision's RoIAlign runs in float32 on a float32 copy of each map: make it once.
-        features = [self.maps(f, torch.float32 if torch.is_autocast_enabled("cpu") else None) for f in features]
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = setup_scales(features, image_shapes, self.canonical_scale, self.canonical_level)
-        rois = convert_to_roi_format(boxes)
-        levels = self.map_levels(boxes) if len(features) > 1 else torch.zeros(len(rois), dtype=torch.int64)
-        result = features[0].new_zeros((len(rois), features[0].shape[1], *self.output_size), dtype=result_dtype)
-        for chunk, job in self._submit(workers, features, rois, levels):
-            result[chunk] = job.result().to(result.dtype)
-        return result
-
-    def _submit(self, workers: int, features: list[Tensor], rois: Tensor, levels: Tensor) -> list[tuple[Tensor, Future]]:
-        pool, inference = self._executor(workers), torch.is_inference_mode_enabled()
-        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-        jobs = []
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            index = torch.where(levels == level)[0]
-            index = index[(rois[index, 2] + rois[index, 4]).argsort()]  # top to bottom, by box centre
-            for chunk in index.tensor_split(workers):
-                if len(chunk):
-                    args = (feature, rois[chunk], self.output_size, scale, self.sampling_ratio)
-                    jobs.append((chunk, pool.submit(_roi_align_job, inference, amp, *args)))
-        return jobs
 
 
 class GemmMaskRCNNPredictor(Float32MaskRCNNPredictor):

@@ -46,7 +46,7 @@ from .heads import (
     Float32RetinaNetHead,
     Float32RPNHead,
 )
-from .roi_align import ThreadedBackwardMultiScaleRoIAlign
+from .roi_align import SparseMultiScaleRoIAlign
 
 __all__ = ["ARCHS", "build_detector", "detector_class", "feature_info_of", "to_channels_last"]
 
@@ -198,10 +198,10 @@ def _check_family_options(name: str, arch: ArchSpec, options: Mapping[str, Any])
 
 def _poolers(arch: ArchSpec, info: FeatureInfo, canonical: Any) -> dict[str, MultiScaleRoIAlign]:
     """RoIAlign poolers over the levels with stride <= 32 (all of a single-level backbone): torchvision's,
-    with the per-image threaded CPU backward of :class:`~detection.roi_align.ThreadedBackwardMultiScaleRoIAlign`."""
+    pooling on CPU as sparse matrix products (:class:`~detection.roi_align.SparseMultiScaleRoIAlign`)."""
     names = [s.name for s in info if s.stride <= 32] or [info[0].name]
     scale = {} if canonical is None else {"canonical_scale": int(canonical)}
-    pooler = partial(ThreadedBackwardMultiScaleRoIAlign, names, sampling_ratio=2, **scale)
+    pooler = partial(SparseMultiScaleRoIAlign, names, sampling_ratio=2, **scale)
     poolers = {"box_roi_pool": pooler(output_size=7)}
     if arch.masks:
         poolers["mask_roi_pool"] = pooler(output_size=14)

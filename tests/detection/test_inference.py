@@ -2,9 +2,6 @@
 float32 outputs."""
 
 import copy
-import gc
-import pickle
-import threading
 
 import pytest
 import torch
@@ -14,14 +11,13 @@ from backbone import build_backbone
 from detection import build_detector
 from detection.inference import AutocastDetector, fold_batch_norms, optimize_for_inference
 from detection.inference_modules import (
-    ContiguousMaps,
     GemmMaskRCNNPredictor,
     OneDNNLinear,
     PasteMasksTransform,
-    ThreadedMultiScaleRoIAlign,
     TopKRoIHeads,
     batched_nms_top_k,
 )
+from detection.roi_align import SparseMultiScaleRoIAlign
 
 
 def test_folding_keeps_backbone_outputs():
@@ -84,7 +80,7 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
     fast.load_state_dict(plain.state_dict())
     assert optimize_for_inference(fast, precision="fp32") is fast
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert isinstance(fast.roi_heads.box_roi_pool, ThreadedMultiScaleRoIAlign)
+    assert type(fast.roi_heads.box_roi_pool) is SparseMultiScaleRoIAlign
     assert isinstance(fast.transform, PasteMasksTransform)
     assert isinstance(fast.roi_heads.mask_predictor, GemmMaskRCNNPredictor) == arch.startswith("mask")
     assert isinstance(fast.roi_heads, TopKRoIHeads) and not isinstance(plain.roi_heads, TopKRoIHeads)
@@ -108,8 +104,22 @@ def test_fp32_fast_path_matches_the_plain_model(arch):
     if "masks" in a:
         order = distance.argmin(1)
         assert (a["masks"] - b["masks"][order]).abs().max().item() <= 1e-4
-        assert fast.roi_heads.mask_roi_pool.maps is fast.roi_heads.box_roi_pool.maps
-    assert len(fast.roi_heads.box_roi_pool.maps) == 0  # the contiguous copies went with the feature maps
+
+
+def test_a_torchvision_built_model_gets_the_sparse_poolers():
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+    from torchvision.ops import MultiScaleRoIAlign
+
+    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    plain = model.roi_heads.mask_roi_pool
+    assert type(plain) is MultiScaleRoIAlign
+    optimize_for_inference(model)
+    for name in ("box_roi_pool", "mask_roi_pool"):
+        pooler = getattr(model.roi_heads, name)
+        assert type(pooler) is SparseMultiScaleRoIAlign, name
+    pooler = model.roi_heads.mask_roi_pool
+    assert (pooler.featmap_names, pooler.output_size, pooler.sampling_ratio) == (
+        plain.featmap_names, plain.output_size, plain.sampling_ratio)
 
 
 def test_bf16_fast_path_on_cpu_keeps_outputs_float32():
@@ -229,80 +239,6 @@ def test_paste_masks_transform_postprocesses_like_torchvisions():
         assert torch.equal(got[key], expected[key]), key
 
 
-def _pooling_inputs():
-    torch.manual_seed(0)
-    features = {k: torch.randn(2, 8, s, s) for k, s in (("0", 64), ("1", 32), ("2", 16), ("3", 8))}
-    features = {k: v.contiguous(memory_format=torch.channels_last) if k == "1" else v for k, v in features.items()}
-    boxes = []
-    for _ in range(2):
-        xy = torch.rand(40, 2) * 200
-        boxes.append(torch.cat([xy, xy + 2 + torch.rand(40, 2) * 150], 1))
-    return features, boxes
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_threaded_roi_pooling_is_identical_to_torchvisions(precision, monkeypatch):
-    from torchvision.ops import MultiScaleRoIAlign
-
-    import detection.inference_modules as modules
-
-    ran_in = []
-    kernel = modules.roi_align
-
-    def recording(*args):
-        ran_in.append(threading.current_thread().name)
-        return kernel(*args)
-
-    monkeypatch.setattr(modules, "roi_align", recording)
-    features, boxes = _pooling_inputs()
-    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
-    threaded = ThreadedMultiScaleRoIAlign.from_pooler(plain)
-    assert (threaded.featmap_names, threaded.output_size, threaded.canonical_scale) == (["0", "1", "2", "3"], (7, 7), 32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the threaded path needs at least two
-    try:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            if precision == "bf16":
-                features = {k: v.bfloat16() for k, v in features.items()}
-            expected = plain(features, boxes, [(256, 256)] * 2)
-            got = threaded(features, boxes, [(256, 256)] * 2)
-    finally:
-        torch.set_num_threads(threads)
-        threaded.close()
-    levels = plain.map_levels(boxes)
-    assert len(levels.unique()) >= 3  # RoIs on several levels, several chunks each
-    assert got.dtype == expected.dtype
-    assert torch.equal(got, expected)
-    assert len(ran_in) >= 2 * len(levels.unique()) and all(name.startswith("roi_align") for name in ran_in)
-
-
-def test_threaded_roi_pooling_owns_its_thread_pool():
-    features, boxes = _pooling_inputs()
-    pooler = ThreadedMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            one_thread = pooler(features, boxes, [(256, 256)] * 2)
-        assert pooler._pool is None  # one thread: torchvision's path, no pool made
-        torch.set_num_threads(2)
-        with torch.no_grad():
-            assert torch.equal(pooler(features, boxes, [(256, 256)] * 2), one_thread)
-    finally:
-        torch.set_num_threads(threads)
-    pool = pooler._pool
-    assert pool is not None and pool._max_workers == 2
-    for clone in (copy.deepcopy(pooler), pickle.loads(pickle.dumps(pooler))):
-        assert clone._pool is None and clone.scales == pooler.scales
-    pooler.close()
-    assert pool._shutdown and pooler._pool is None
-    pooler._executor(2)
-    pool = pooler._pool
-    del pooler
-    gc.collect()
-    assert pool._shutdown  # collected with its module
-
-
 def test_gemm_mask_predictor_matches_the_convolutions():
     from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
@@ -327,24 +263,6 @@ def test_gemm_mask_predictor_matches_the_convolutions():
     assert not GemmMaskRCNNPredictor.supports(nn.Sequential(nn.Conv2d(16, 5, 1)))
     with pytest.raises(ValueError, match="is not a MaskRCNNPredictor"):
         GemmMaskRCNNPredictor.from_predictor(nn.Sequential(nn.Conv2d(16, 5, 1)))
-
-
-def test_contiguous_maps_copies_each_map_once_while_it_lives():
-    maps = ContiguousMaps()
-    plain = torch.randn(1, 4, 6, 6)
-    assert maps(plain) is plain and len(maps) == 0
-    channels_last = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
-    first = maps(channels_last)
-    assert first.is_contiguous() and torch.equal(first, channels_last)
-    assert maps(channels_last) is first and len(maps) == 1
-    as_float = maps(channels_last, torch.float64)
-    assert as_float.dtype == torch.float64 and as_float.is_contiguous() and torch.equal(as_float, channels_last.double())
-    assert maps(channels_last, torch.float64) is as_float and maps(channels_last) is first and len(maps) == 2
-    assert maps(plain, torch.float32) is plain
-    del channels_last
-    gc.collect()
-    assert len(maps) == 0
-    assert isinstance(copy.deepcopy(maps), ContiguousMaps)
 
 
 def test_every_private_torchvision_helper_is_where_the_adapter_expects_it(monkeypatch):

@@ -1,5 +1,6 @@
 """build_detector and load_weights: torchvision parity for every detector, train steps, build-time checks."""
 
+import copy
 import re
 
 import pytest
@@ -68,15 +69,24 @@ def test_torchvision_checkpoint_loads_and_outputs_match(arch, tmp_path):
     ours = build_detector(arch, backbone="resnet50", num_classes=2 if arch == "keypoint_rcnn" else 91, **options)
     load_weights(ours, path)
     image = torch.rand(3, 96, 128)
+    exact = copy.deepcopy(tv).double().eval()
     with torch.no_grad():
         expected = tv.eval()([image])[0]
         got = ours.eval()([image])[0]
+        truth = exact([image.double()])[0]
     assert set(got) == set(expected)
     assert len(got["boxes"]) > 0
     for key, value in expected.items():
         assert got[key].shape == value.shape, key
         assert got[key].dtype == value.dtype, key
-        assert (got[key].float() - value.float()).abs().max().item() <= 1e-4, key
+        if not value.is_floating_point():
+            assert torch.equal(got[key], value), key
+            continue
+        # Our poolers sum RoIAlign's terms in another order, and the untrained heads amplify float32
+        # rounding (masks: ~1e-4): ours must be as close to the float64 result as torchvision's float32.
+        tv_error = (value.double() - truth[key]).abs().max().item()
+        our_error = (got[key].double() - truth[key]).abs().max().item()
+        assert our_error <= 4 * tv_error + 1e-6 * max(1.0, value.abs().max().item()), (key, our_error, tv_error)
 
 
 def make_targets(arch: str, size: int = 128) -> list[dict]:
