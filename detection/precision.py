@@ -68,6 +68,12 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_runs_avx512() -> bool:
+    """Whether ATen's CPU kernels run AVX-512 here (``torch.backends.cpu.get_cpu_capability()``; the
+    environment variable ``ATEN_CPU_CAPABILITY`` can lower it)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 @dataclass(frozen=True)
 class PrecisionPolicy:
     """How one device runs a model: float32, or autocast in ``dtype``.
@@ -121,13 +127,17 @@ class PrecisionPolicy:
     def channels_last(self) -> bool:
         """Whether convolutions run faster in the channels-last memory format under this policy.
 
-        On CPU, yes: oneDNN's convolution kernels take channels-last (NHWC) maps and weights and reorder
-        contiguous (NCHW) ones at every layer, forward and backward (measured: a Mask R-CNN R50-FPN
-        training step at 800 px 0.84-0.85x the time in fp32), and its fast bf16 kernels need it. On CUDA
-        under autocast, yes (tensor cores); for float32 on CUDA, no. This is what ``train.channels_last:
-        auto`` follows.
+        On a CPU with AVX-512, yes: oneDNN's convolution kernels take channels-last (NHWC) maps and
+        weights and reorder contiguous (NCHW) ones at every layer, forward and backward (measured: a
+        Mask R-CNN R50-FPN training step at 800 px 0.84-0.85x the time in fp32), and its fast bf16
+        kernels need it. With AVX2 kernels only, no: the same step took 14.5-14.7 s channels-last
+        against 11.9-13.7 s contiguous (the same CPU with ``ONEDNN_MAX_CPU_ISA=AVX2
+        ATEN_CPU_CAPABILITY=avx2``). On CUDA under autocast, yes (tensor cores); for float32 on CUDA, no.
+        This is what ``train.channels_last: auto`` follows.
         """
-        return self.device_type == "cpu" or (self.device_type == "cuda" and self.enabled)
+        if self.device_type == "cpu":
+            return cpu_runs_avx512()
+        return self.device_type == "cuda" and self.enabled
 
     @property
     def output_dtype(self) -> torch.dtype:

@@ -209,8 +209,9 @@ def _training_model(run: Run, num_classes: int, weights: str | os.PathLike[str] 
     if channels_last == "auto":
         precision = PrecisionPolicy.resolve(cfg.train.amp.enabled, cfg.train.amp.dtype, run.device)
         channels_last = precision.channels_last
+        why = "" if channels_last or run.device.type != "cpu" else ", no AVX-512 kernels: channels-last trains slower"
         run.log(f"memory format {'channels-last' if channels_last else 'contiguous'} (train.channels_last: auto, "
-                f"{run.device.type} {precision.name})")
+                f"{run.device.type} {precision.name}{why})")
     model.to(device=run.device)
     if channels_last:
         to_channels_last(model)
