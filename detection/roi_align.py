@@ -91,26 +91,30 @@ def _as_rows(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _apply_matrix(t: Tensor, rois: Tensor, spatial_scale: float, output_size: tuple[int, int], sampling_ratio: int,
+                  aligned: bool, map_shape: tuple[int, int, int], transposed: bool) -> Tensor:
+    """``S @ rows(t)``, or ``S.T @ rows(t)``, for RoIAlign's matrix ``S``: in float32 for reduced dtypes
+    (torchvision's autocast rule for RoIAlign), with autocast off for the product."""
+    compute = torch.promote_types(t.dtype, torch.float32)
+    with torch.autocast(t.device.type, enabled=False):
+        matrix = roi_align_matrix(rois.to(compute), spatial_scale, output_size, sampling_ratio, aligned, map_shape)
+        return (matrix.t() if transposed else matrix) @ _as_rows(t.to(compute))
+
+
 @torch.library.custom_op("detection::roi_align", mutates_args=())
 def _roi_align_op(input: Tensor, rois: Tensor, spatial_scale: float, output_h: int, output_w: int,
                   sampling_ratio: int, aligned: bool) -> Tensor:
-    compute = torch.promote_types(input.dtype, torch.float32)
     images, channels, height, width = input.shape
-    with torch.autocast(input.device.type, enabled=False):
-        matrix = roi_align_matrix(rois.to(compute), spatial_scale, (output_h, output_w), sampling_ratio, aligned,
-                                  (images, height, width))
-        pooled = matrix @ _as_rows(input.to(compute))
+    pooled = _apply_matrix(input, rois, spatial_scale, (output_h, output_w), sampling_ratio, aligned,
+                           (images, height, width), transposed=False)
     return pooled.view(len(rois), output_h, output_w, channels).permute(0, 3, 1, 2).to(input.dtype)
 
 
 @torch.library.custom_op("detection::roi_align_backward", mutates_args=())
 def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool,
                            images: int, height: int, width: int) -> Tensor:
-    compute = torch.promote_types(grad.dtype, torch.float32)
-    with torch.autocast(grad.device.type, enabled=False):
-        matrix = roi_align_matrix(rois.to(compute), spatial_scale, tuple(grad.shape[2:]), sampling_ratio, aligned,
-                                  (images, height, width))
-        grad_input = matrix.t() @ _as_rows(grad.to(compute))
+    grad_input = _apply_matrix(grad, rois, spatial_scale, (grad.shape[2], grad.shape[3]), sampling_ratio, aligned,
+                               (images, height, width), transposed=True)
     return grad_input.view(images, height, width, grad.shape[1]).permute(0, 3, 1, 2).to(grad.dtype)
 
 
